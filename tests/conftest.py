@@ -1,0 +1,50 @@
+"""Shared pytest fixtures: tiny synthetic datasets generated once per session, and a helper that runs
+a repo script in a subprocess (CleanRL-style end-to-end tests)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def run_script(args, timeout=300, env=None, check=True, cwd=None):
+    """Run `python <args...>` from the repo root; one thread per process keeps runs reproducible
+    and lets two torchrun workers share the 2-core CI machine."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_py():
+    return run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A data_dir with the tiny `synthetic` set (xsub, xview) and the untrimmed detection set."""
+    import data_prep
+    d = tmp_path_factory.mktemp("data")
+    data_prep.prepare_synthetic(d, "synthetic", size="tiny", seed=0, quiet=True)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_ext(tmp_path_factory):
+    """A data_dir with the tiny `synthetic_ext` set (30 classes, 21-30 novel)."""
+    import data_prep
+    d = tmp_path_factory.mktemp("data_ext")
+    data_prep.prepare_synthetic(d, "synthetic_ext", size="tiny", seed=0, quiet=True)
+    return str(d)
