@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, get_args, get_origin, get_type_hints
 
@@ -825,6 +826,528 @@ def _prefetch(fetch: Callable, parts: list, workers: int) -> Iterator:
             yield result
 
 
-# TEMP (merge in progress): the augmentation section is developed in augment_part.py.
-if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "augment_part.py")):
-    from augment_part import *  # noqa: E402,F401,F403
+# ----------------------------------------------------------------------------------------------
+# Batched augmentations and modalities
+# ----------------------------------------------------------------------------------------------
+# Every function works on a batch x of shape (N, C=3, T, V=25, M=2) on whatever device x lives on,
+# draws its random numbers from the torch.Generator `g` (which must live on x's device, so a seed
+# reproduces the views on that device), and has no per-sample Python loop. Each reproduces the
+# distribution of the per-sample numpy/python version of the official repos (specs/methods.md 0.4,
+# 0.5, 1.4, 2.4, 3A.3, 3A.4, 4.1); where the official code draws once per batch (PCM3's Jointmask3
+# and ske_swap) we do too. "Draws:" in a docstring lists the generator calls in order, so a test can
+# replay them.
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def _per_sample(mask: torch.Tensor, ndim: int = 5) -> torch.Tensor:
+    """(N,) -> (N, 1, ..., 1) so it broadcasts over a (N, C, T, V, M) batch."""
+    return mask.view(-1, *([1] * (ndim - 1)))
+
+
+def _apply_mask(g: torch.Generator, N: int, p: float, device):
+    """Per-sample "apply this augmentation" flags, probability p (official: `random.random() < p`);
+    None when p >= 1 (always applied). Callers fold the flags into their parameters (identity matrix,
+    empty mask) instead of blending two full batches.  Draws: rand(N) (only when p < 1)."""
+    if p >= 1.0:
+        return None
+    return torch.rand(N, generator=g, device=device) < p
+
+
+def _random_subset(g: torch.Generator, rows: int, n: int, k: int, device) -> torch.Tensor:
+    """(rows, n) bool with exactly k True per row, each k-subset equally likely (the batched form
+    of np.random.choice(n, k, replace=False) / random.sample).  Draws: rand(rows, n)."""
+    order = torch.rand(rows, n, generator=g, device=device).argsort(dim=1)
+    return torch.zeros(rows, n, dtype=torch.bool, device=device).scatter_(1, order[:, :k], True)
+
+
+def _eye(N: int, device) -> torch.Tensor:
+    return torch.eye(3, device=device).expand(N, 3, 3)
+
+
+def _linear_map(x: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """Per-sample 3x3 map on the coordinate axis: out[n, :, t, v, m] = mat[n] @ x[n, :, t, v, m].
+
+    x (N, 3, T, V, M), mat (N, 3, 3) -> (N, 3, T, V, M)."""
+    N = x.shape[0]
+    return torch.bmm(mat.to(x.dtype), x.reshape(N, 3, -1)).view(x.shape)
+
+
+def _blocks(N: int, device: torch.device):
+    """Sample ranges processed together. On CPU, blocks of 32 samples keep each block's temporaries
+    (about 1 MB) in cache, which makes the gathers and multiply-adds memory-friendly; on an
+    accelerator the whole batch is one block."""
+    step = 32 if device.type == "cpu" else max(N, 1)
+    return [(a, min(a + step, N)) for a in range(0, N, step)]
+
+
+def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
+                   sel: torch.Tensor) -> torch.Tensor:
+    """out[n, :, t, v, m] = (a_sel[n] if sel[n, v] else a_other[n]) @ x[n, :, t, v, m].
+
+    x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M). Three
+    broadcast multiply-adds over a (N, 3, T, V*M) layout (contiguous V*M inner loops)."""
+    N, _, T, V, M = x.shape
+    mats = torch.where(sel[:, None, None, :, None], a_sel[..., None, None], a_other[..., None, None])
+    mats = mats.to(x.dtype).expand(N, 3, 3, V, M).reshape(N, 3, 3, 1, V * M)    # [n, out c, in k]
+    xf = x.reshape(N, 3, 1, T, V * M)
+    out = torch.empty(N, 3, T, V * M, dtype=x.dtype, device=x.device)
+    for a, b in _blocks(N, x.device):
+        o, xb, mb = out[a:b], xf[a:b], mats[a:b]
+        torch.mul(xb[:, 0], mb[:, :, 0], out=o)                                 # (n, 3, T, V*M)
+        o.addcmul_(xb[:, 1], mb[:, :, 1])
+        o.addcmul_(xb[:, 2], mb[:, :, 2])
+    return out.view(N, 3, T, V, M)
+
+
+def _zero_joints(x: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+    """Zero joints[n, v] = True on every coordinate, frame and body. x (N, C, T, V, M), joints (N, V)."""
+    N, C, T, V, M = x.shape
+    hide = joints.repeat_interleave(M, dim=1)[:, None, None, :]                  # (N, 1, 1, V*M)
+    return x.reshape(N, C, T, V * M).masked_fill(hide, 0.0).view(N, C, T, V, M)
+
+
+def _check_batch(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 5 or x.shape[1] != 3:
+        raise ValueError(f"{name}: expected a (N, 3, T, V, M) batch, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal crop / resize (methods.md 0.4, 0.5)
+# ----------------------------------------------------------------------------------------------
+def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_len: int) -> torch.Tensor:
+    """Per-sample linear resampling of frames [start, start+length) to out_len frames.
+
+    x (N, C, T, V, M); start, length (N,) int64 on x's device -> (N, C, out_len, V, M).
+    Reproduces F.interpolate(mode='bilinear', align_corners=False) on a (1, C*V*M, length, 1) tensor,
+    the official call: the source indices and weights are computed as PyTorch's CPU kernel does
+    (float32 scale = length/out_len, half-pixel source index clamped at 0, lower index capped at
+    length-1, upper index = lower+1 unless at the end, w0 = 1 - w1) and are bit-identical to it; the
+    values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp). Frames at or
+    after start+length are never read."""
+    N, C, T = x.shape[:3]
+    rest = x.shape[3:]
+    dev = x.device
+    scale = length.to(torch.float32) / out_len                                  # (N,)
+    dst = torch.arange(out_len, device=dev, dtype=torch.float32) + 0.5          # (out_len,)
+    src = (scale[:, None] * dst - 0.5).clamp(min=0.0)                           # (N, out_len)
+    last = (length - 1)[:, None]
+    i0 = torch.minimum(src.floor().long(), last)                                # (N, out_len)
+    w1 = (src - i0.to(torch.float32)).clamp(0.0, 1.0)
+    i1 = i0 + (i0 < last).long()
+    # One fused gather + weighted sum on the (N*C*T, V*M) view, one contiguous V*M row per
+    # (sample, coord, frame): embedding_bag sums the two weighted rows of every output frame.
+    flat = x.reshape(N * C * T, -1)
+    base = (torch.arange(N, device=dev)[:, None, None] * C
+            + torch.arange(C, device=dev)[None, :, None]) * T + start[:, None, None]  # (N, C, 1)
+    rows = torch.stack([base + i0[:, None, :], base + i1[:, None, :]], dim=-1)   # (N, C, out_len, 2)
+    weights = torch.stack([1.0 - w1, w1], dim=-1)[:, None].expand(N, C, out_len, 2)
+    out = F.embedding_bag(rows.reshape(-1, 2), flat, mode="sum",
+                          per_sample_weights=weights.reshape(-1, 2).to(x.dtype))  # (N*C*out_len, V*M)
+    return out.view(N, C, out_len, *rest)
+
+
+def _crop_window(num_frame: torch.Tensor, T: int, g: torch.Generator, scale, min_len: int):
+    """Random crop (start, length) per sample, the official `temporal_cropresize` rule:
+    s ~ U(scale[0], scale[1]); length = min(max(floor(n*s), min_len), n);
+    start ~ randint[0, n-length] inclusive.  num_frame is clamped to [1, T].
+
+    Draws: rand(N) float64 (scale), rand(N) float64 (start)."""
+    dev = num_frame.device
+    n = num_frame.long().clamp(1, T)
+    N = n.shape[0]
+    u_scale = torch.rand(N, generator=g, device=dev, dtype=torch.float64)
+    u_start = torch.rand(N, generator=g, device=dev, dtype=torch.float64)
+    s = u_scale * (scale[1] - scale[0]) + scale[0]               # numpy: rand(1)*(l1-l0)+l0 (float64)
+    length = torch.minimum((n.double() * s).floor().long().clamp(min=min_len), n)
+    room = n - length + 1                                        # randint(0, n-length+1) choices
+    start = torch.minimum((u_start * room.double()).floor().long(), room - 1)
+    return start, length
+
+
+def crop_resize(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Generator, out_len: int = 64,
+                scale=(0.1, 1.0), min_len: int = 64) -> torch.Tensor:
+    """Random temporal crop + linear resize (methods.md 0.4; all three official repos).
+
+    x (N, C, T, V, M) raw clips, num_frame (N,) valid frames (clamped to [1, T]) ->
+    (N, C, out_len, V, M).  Draws: see _crop_window."""
+    start, length = _crop_window(num_frame.to(x.device), x.shape[2], g, scale, min_len)
+    return _resample(x, start, length, out_len)
+
+
+def center_crop_resize(x: torch.Tensor, num_frame: torch.Tensor, ratio: float = 1.0,
+                       out_len: int = 64) -> torch.Tensor:
+    """Deterministic evaluation crop (methods.md 0.5, `crop_subsequence`'s centre branch):
+    start = int((1-ratio)*n/2), frames [start, n-start) resized to out_len.
+
+    x (N, C, T, V, M), num_frame (N,) -> (N, C, out_len, V, M)."""
+    n = num_frame.to(x.device).long().clamp(1, x.shape[2])
+    start = ((1.0 - ratio) * n.double() / 2).floor().long()          # python int() of a float >= 0
+    length = (n - 2 * start).clamp(min=1)
+    return _resample(x, start, length, out_len)
+
+
+def resize_time(x: torch.Tensor, out_len: int) -> torch.Tensor:
+    """Linear (align_corners=False) resample of the whole clip: (N, C, T, V, M) -> (N, C, out_len, V, M)."""
+    N, T = x.shape[0], x.shape[2]
+    start = torch.zeros(N, dtype=torch.long, device=x.device)
+    return _resample(x, start, torch.full_like(start, T), out_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial transforms (methods.md 1.4, 2.4)
+# ----------------------------------------------------------------------------------------------
+_SHEAR_ROWS = (0, 0, 1, 1, 2, 2)
+_SHEAR_COLS = (1, 2, 0, 2, 0, 1)
+
+
+def _shear_matrices(g: torch.Generator, N: int, amp: float, device) -> torch.Tensor:
+    """(N, 3, 3) S = [[1,a,b],[c,1,d],[e,f,1]], a..f ~ U(-amp, amp).  Draws: rand(N, 6) (a..f)."""
+    off = torch.rand(N, 6, generator=g, device=device) * (2 * amp) - amp
+    S = torch.eye(3, device=device).repeat(N, 1, 1)
+    S[:, _SHEAR_ROWS, _SHEAR_COLS] = off
+    return S
+
+
+def shear(x: torch.Tensor, g: torch.Generator, amp: float = 1.0, p: float = 1.0) -> torch.Tensor:
+    """Official `pose_augmentation`: p_new = S @ p (np.dot(S, x.reshape(3, -1))) for every joint,
+    frame and body, S per sample (see _shear_matrices), applied with probability p per sample.
+
+    x (N, 3, T, V, M) -> same.  Draws: rand(N, 6), then rand(N) if p < 1."""
+    _check_batch(x, "shear")
+    if p <= 0:
+        return x
+    N = x.shape[0]
+    S = _shear_matrices(g, N, amp, x.device)
+    apply = _apply_mask(g, N, p, x.device)
+    if apply is not None:
+        S = torch.where(apply[:, None, None], S, _eye(N, x.device))
+    return _linear_map(x, S)
+
+
+def _axis_rotation(axis: int, a: torch.Tensor) -> torch.Tensor:
+    """(N,) radians -> (N, 3, 3) SCD-Net's matrices R_x = [[1,0,0],[0,c,s],[0,-s,c]],
+    R_y = [[c,0,-s],[0,1,0],[s,0,c]], R_z = [[c,s,0],[-s,c,0],[0,0,1]]."""
+    c, s = torch.cos(a), torch.sin(a)
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    rows = {0: [[one, zero, zero], [zero, c, s], [zero, -s, c]],
+            1: [[c, zero, -s], [zero, one, zero], [s, zero, c]],
+            2: [[c, s, zero], [-s, c, zero], [zero, zero, one]]}[axis]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
+def rotate(x: torch.Tensor, g: torch.Generator, max_deg: float = 30.0, p: float = 1.0) -> torch.Tensor:
+    """SCD-Net's random rotation (methods.md 2.4): a main axis uniform in {x, y, z} gets an angle
+    U(0, max_deg) degrees, the other two U(0, 1) degree; rotations applied x, then y, then z, each
+    p -> R p (official: seq (T,V,M,C) @ R.T), i.e. p -> R_z R_y R_x p. Probability p per sample.
+
+    x (N, 3, T, V, M) -> same.  Draws: randint(0, 3, (N,)), rand(N, 3) float64, then rand(N) if p < 1."""
+    _check_batch(x, "rotate")
+    if p <= 0:
+        return x
+    N, dev = x.shape[0], x.device
+    main = torch.randint(0, 3, (N,), generator=g, device=dev)
+    u = torch.rand(N, 3, generator=g, device=dev, dtype=torch.float64)
+    is_main = main[:, None] == torch.arange(3, device=dev)
+    rad = torch.deg2rad(torch.where(is_main, u * max_deg, u))                   # (N, 3) per axis
+    R = _axis_rotation(2, rad[:, 2]) @ _axis_rotation(1, rad[:, 1]) @ _axis_rotation(0, rad[:, 0])
+    apply = _apply_mask(g, N, p, dev)
+    if apply is not None:
+        R = torch.where(apply[:, None, None], R, _eye(N, dev).double())
+    return _linear_map(x, R)
+
+
+@lru_cache(maxsize=None)
+def _index_tensor(name: str, device: torch.device) -> torch.Tensor:
+    """Cached int64 index tensors on a device: 'flip' (FLIP_ORDER), 'bone_parent' (per joint v1-1 the
+    joint v2-1 of BONE_PAIRS_1B), 'part_of_joint' (the BODY_PARTS entry holding each joint)."""
+    if name == "flip":
+        idx = list(FLIP_ORDER)
+    elif name == "bone_parent":
+        idx = [0] * NUM_JOINTS
+        for v1, v2 in BONE_PAIRS_1B:
+            idx[v1 - 1] = v2 - 1
+    else:
+        idx = [0] * NUM_JOINTS
+        for k, joints in enumerate(BODY_PARTS.values()):
+            for j in joints:
+                idx[j] = k
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """SCD-Net's Flip: new[:, :, :, j] = old[:, :, :, FLIP_ORDER[j]] with probability p per sample.
+    A left/right joint re-indexing without coordinate negation, as the official code (methods.md 2.4).
+
+    x (N, C, T, V, M) -> same.  Draws: rand(N) if p < 1."""
+    flipped = x[:, :, :, _index_tensor("flip", x.device)]
+    apply = _apply_mask(g, x.shape[0], p, x.device)
+    return flipped if apply is None else torch.where(_per_sample(apply, x.dim()), flipped, x)
+
+
+def _corruption_params(g: torch.Generator, N: int, V: int, n_joints: int, device):
+    """Official `joint_courruption` parameters: (a_sel (N, 3, 3), joints (N, V) bool). With
+    probability 0.5 (`random.random() < 0.5`) a_sel = 0 (zero the joints), else a_sel = R^T with all
+    entries of R ~ U(-1, 1), since the official row-vector product p @ R equals R^T p.
+    Draws: rand(N) (branch), rand(N, V) (joints), rand(N, 3, 3) (R)."""
+    zero_branch = torch.rand(N, generator=g, device=device) < 0.5
+    joints = _random_subset(g, N, V, n_joints, device)
+    R = torch.rand(N, 3, 3, generator=g, device=device) * 2 - 1
+    a_sel = torch.where(zero_branch[:, None, None], torch.zeros((), device=device), R.transpose(1, 2))
+    return a_sel, joints
+
+
+def joint_corruption(x: torch.Tensor, g: torch.Generator, n_joints: int = 15, p: float = 1.0) -> torch.Tensor:
+    """Official `joint_courruption` (USDRL/PCM3, methods.md 1.4): per sample, with probability 0.5
+    zero n_joints joints drawn without replacement, otherwise multiply the coordinates of n_joints
+    such joints by a 3x3 matrix R with all entries U(-1, 1) (row vector: p_new = p @ R). The same
+    joints for every frame and both bodies. Probability p per sample.
+
+    x (N, 3, T, V, M) -> same.  Draws: _corruption_params, then rand(N) if p < 1."""
+    _check_batch(x, "joint_corruption")
+    if p <= 0:
+        return x
+    N, V, dev = x.shape[0], x.shape[3], x.device
+    a_sel, joints = _corruption_params(g, N, V, n_joints, dev)
+    apply = _apply_mask(g, N, p, dev)
+    if apply is not None:
+        joints = joints & apply[:, None]
+    return _per_joint_map(x, a_sel, _eye(N, dev), joints)
+
+
+def corrupt_or_shear(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """USDRL/PCM3 view rule (methods.md 1.4, 3A.1): per sample, with probability 0.5
+    joint_corruption, otherwise shear; both become one per-joint 3x3 map (shear = the same S on every
+    joint), applied in a single pass.
+
+    x (N, 3, T, V, M) -> same.  Draws: rand(N) (branch), _corruption_params, rand(N, 6) (shear)."""
+    _check_batch(x, "corrupt_or_shear")
+    N, V, dev = x.shape[0], x.shape[3], x.device
+    use_corruption = (torch.rand(N, generator=g, device=dev) < 0.5)[:, None, None]
+    a_sel, joints = _corruption_params(g, N, V, 15, dev)
+    S = _shear_matrices(g, N, 1.0, dev)
+    return _per_joint_map(x, torch.where(use_corruption, a_sel, S),
+                          torch.where(use_corruption, _eye(N, dev), S), joints)
+
+
+def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: float = 1.0) -> torch.Tensor:
+    """Gaussian noise N(0, std^2) on every coordinate (no official per-sample version specifies more),
+    probability p per sample.
+
+    x (N, C, T, V, M) -> same.  Draws: randn(x.shape), then rand(N) if p < 1."""
+    if p <= 0:
+        return x
+    noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+    apply = _apply_mask(g, x.shape[0], p, x.device)
+    scale = std if apply is None else _per_sample(apply.to(x.dtype) * std)
+    return x + noise * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks (methods.md 2.4, 3A.3)
+# ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _two_hop(device: torch.device) -> torch.Tensor:
+    """(V, V) float32 D = A @ A with A = I + adjacency (SCD-Net's structural mask, n=2)."""
+    A = torch.eye(NUM_JOINTS, dtype=torch.float64) + torch.as_tensor(adjacency(), dtype=torch.float64)
+    return (A @ A).to(torch.float32).to(device)
+
+
+def structural_mask(x: torch.Tensor, g: torch.Generator, n_draw: int = 5, k: int = 8,
+                    p: float = 1.0) -> torch.Tensor:
+    """SCD-Net's structural spatial masking (methods.md 2.4): draw n_draw joints uniformly WITH
+    replacement, score each joint by the sum of their rows of D = (I + adj)^2 and zero the k
+    highest-scoring joints on every frame and body (always exactly k joints).
+
+    Ties: the official `np.argsort(score)[-k:]` is an unstable sort whose tie order depends on the
+    numpy build (classic introsort before numpy 1.25, x86-simd-sort after), and the k-th and
+    (k+1)-th scores tie in ~76% of draws. We break ties uniformly at random: scores are integers, so a
+    U[0, 0.5) key added to them reorders equal scores only. Measured over 40k draws, per-joint masking
+    frequencies are then within 0.056 of numpy 1.24's (within 0.060 of numpy 2.4's), where a fixed
+    "highest index wins" (stable) rule is off by up to 0.14.
+
+    x (N, C, T, V, M) -> same.  Draws: randint(0, V, (N, n_draw)), rand(N, V), then rand(N) if p < 1."""
+    if p <= 0:
+        return x
+    N, V, dev = x.shape[0], x.shape[3], x.device
+    draws = torch.randint(0, V, (N, n_draw), generator=g, device=dev)
+    score = _two_hop(dev)[draws].sum(dim=1)                                       # (N, V) integers
+    key = score + 0.5 * torch.rand(N, V, generator=g, device=dev)
+    top = key.topk(k, dim=1).indices                                              # (N, k)
+    masked = torch.zeros(N, V, dtype=torch.bool, device=dev).scatter_(1, top, True)
+    apply = _apply_mask(g, N, p, dev)
+    if apply is not None:
+        masked = masked & apply[:, None]
+    return _zero_joints(x, masked)
+
+
+def cube_mask(x: torch.Tensor, g: torch.Generator, n_cubes: int = 16, n_masked: int = 6,
+              p: float = 1.0) -> torch.Tensor:
+    """SCD-Net's cube temporal masking (methods.md 2.4): the T frames form n_cubes cubes of
+    T // n_cubes consecutive frames (frame = cube_len*cube + d); zero n_masked distinct random cubes
+    per sample (6 cubes of 4 frames at T=64), probability p per sample. Frames past
+    n_cubes*cube_len are never masked.
+
+    x (N, C, T, V, M) -> same.  Draws: rand(N, n_cubes), then rand(N) if p < 1."""
+    if p <= 0:
+        return x
+    N, T, dev = x.shape[0], x.shape[2], x.device
+    cube_len = T // n_cubes
+    cubes = _random_subset(g, N, n_cubes, n_masked, dev)                           # (N, n_cubes)
+    apply = _apply_mask(g, N, p, dev)
+    if apply is not None:
+        cubes = cubes & apply[:, None]
+    frames = cubes.repeat_interleave(cube_len, dim=1)                              # (N, n_cubes*cube_len)
+    frames = F.pad(frames, (0, T - frames.shape[1]), value=False)                  # (N, T)
+    return x.masked_fill(frames[:, None, :, None, None], 0.0)
+
+
+def body_part_mask(x_shape, g: torch.Generator, n_chunks: int = 8, n_parts: int = 3,
+                   device=None) -> torch.Tensor:
+    """PCM3's Jointmask3 (mask_ratio 0.6, methods.md 3A.3), drawn ONCE for the whole batch as the
+    official code does: the T frames form n_chunks chunks of T // n_chunks frames; in each chunk
+    n_parts of the 5 BODY_PARTS (without replacement) are masked on all their joints. Body 2
+    (M index 1) is never masked (official quirk); frames past n_chunks*chunk_len stay visible.
+
+    x_shape (N, C, T, V, M) -> float32 mask of that shape on `device` (default: g's device),
+    1 = visible, 0 = masked; a broadcast view (expand) of one (T, V, M) pattern, so do not write into it.
+    Draws: rand(n_chunks, 5)."""
+    N, C, T, V, M = x_shape
+    device = g.device if device is None else torch.device(device)
+    chunk_len = T // n_chunks
+    parts = _random_subset(g, n_chunks, len(BODY_PARTS), n_parts, device)         # (n_chunks, 5)
+    joints = parts[:, _index_tensor("part_of_joint", device)]                     # (n_chunks, V)
+    frames = joints.repeat_interleave(chunk_len, dim=0)                            # (n_chunks*chunk_len, V)
+    frames = F.pad(frames, (0, 0, 0, T - frames.shape[0]), value=False)           # (T, V)
+    visible = torch.ones(T, V, M, device=device)
+    visible[:, :, 0] = (~frames).float()
+    return visible.view(1, 1, T, V, M).expand(N, C, T, V, M)
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed / order (MCC, methods.md 4.1)
+# ----------------------------------------------------------------------------------------------
+def speed_indices(num_frame, start, speed, length: int = 32) -> torch.Tensor:
+    """Frame indices of a clip subsampled with stride `speed` from `start`, looping over the valid
+    frames: idx[n, i] = (start[n] + speed[n] * i) mod num_frame[n] (MCC's S(r, c)).
+
+    num_frame (N,) int; start, speed (N,) or scalars -> (N, length) int64 on num_frame's device."""
+    num_frame = torch.as_tensor(num_frame).long()
+    dev = num_frame.device
+    start = torch.as_tensor(start, device=dev).long().reshape(-1, 1)
+    speed = torch.as_tensor(speed, device=dev).long().reshape(-1, 1)
+    steps = torch.arange(length, device=dev)
+    return (start + speed * steps) % num_frame.clamp(min=1).reshape(-1, 1)
+
+
+def gather_frames(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-sample frame selection: x (N, C, T, V, M), idx (N, L) -> (N, C, L, V, M), out[n, :, i] = x[n, :, idx[n, i]]."""
+    N, C, T = x.shape[:3]
+    L = idx.shape[1]
+    base = (torch.arange(N, device=x.device)[:, None, None] * C
+            + torch.arange(C, device=x.device)[None, :, None]) * T                # (N, C, 1)
+    rows = (base + idx.to(x.device)[:, None, :]).reshape(-1)                      # (N*C*L,)
+    return x.reshape(N * C * T, -1).index_select(0, rows).view(N, C, L, *x.shape[3:])
+
+
+def shuffle_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random per-sample permutation of the time axis that is never the identity (MCC's
+    motion-broken clip B(r, c)). Identity draws are redrawn, so the result is uniform over the T!-1
+    other orders; one host sync per call to test for them.
+
+    x (N, C, T, V, M) with T >= 2 -> same.  Draws: rand(N, T), repeated while an identity remains."""
+    N, T, dev = x.shape[0], x.shape[2], x.device
+    if T < 2:
+        raise ValueError(f"shuffle_frames: need at least 2 frames, got T={T}")
+    identity = torch.arange(T, device=dev)
+    perm = torch.rand(N, T, generator=g, device=dev).argsort(dim=1)
+    while True:
+        is_id = (perm == identity).all(dim=1)
+        if not bool(is_id.any()):
+            break
+        redraw = torch.rand(N, T, generator=g, device=dev).argsort(dim=1)
+        perm = torch.where(is_id[:, None], redraw, perm)
+    return gather_frames(x, perm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inter-sample mixing (PCM3 ske_swap, methods.md 3A.4)
+# ----------------------------------------------------------------------------------------------
+def mix_samples(x: torch.Tensor, g: torch.Generator):
+    """PCM3's `ske_swap(x, spa 2..3, tem 7..11)`, every parameter drawn ONCE per batch as the official
+    code does. Partner partner[i] = (i + n) mod N with one n ~ randint[1, N-2] (N = 2 -> n = 1, N = 1 ->
+    the sample itself; the official call fails for N < 3). Region: Cs ~ randint[2, 3] of the 5
+    BODY_PARTS and Ct ~ randint[7, 11] units of 4 frames starting at unit u ~ randint[0, T/4 - Ct],
+    i.e. frames [4u, 4u + 4Ct) x those joints x both bodies. With b ~ U(0, 1):
+      b > 0.5        copy the partner's region (CutMix-like swap);
+      0.25 < b <= .5 resize the partner's first min(8Ct, T) frames to 4Ct with F.interpolate's
+                     default NEAREST rule and paste them into the region;
+      b <= 0.25      Mixup x' = (1 - lam) x + lam x[partner], lam ~ U(0, 1).
+    lam = the fraction of swapped (T/4 x V) units for the swaps, the Mixup weight otherwise.
+    All three candidates are computed and one is selected on the device (no host sync).
+
+    x (N, C, T, V, M) -> (x_mix same shape, lam (N,) x.dtype (one value repeated), partner (N,) int64).
+    Draws: randint(1, N-1, (1,)) (N >= 3 only), randint(2, 4, (1,)), rand(1, 5) (parts),
+    randint(7, 12, (1,)), rand(1) float64 (start unit), rand(1) float64 (branch), rand(1) (Mixup lam)."""
+    N, C, T, V, M = x.shape
+    dev = x.device
+    unit = 4
+    n_units = T // unit
+    if n_units < 11:
+        raise ValueError(f"mix_samples: needs at least 44 frames (up to 11 units of 4), got T={T}")
+    if N >= 3:
+        shift = torch.randint(1, N - 1, (1,), generator=g, device=dev)
+    else:
+        shift = torch.full((1,), N - 1, dtype=torch.long, device=dev)
+    partner = (torch.arange(N, device=dev) + shift) % N                           # (N,)
+    # Spatial: Cs parts as random.sample(body_parts, Cs): the parts ranked first by a random order.
+    n_parts = torch.randint(2, 4, (1,), generator=g, device=dev)
+    rank = torch.rand(1, len(BODY_PARTS), generator=g, device=dev).argsort(dim=1).argsort(dim=1)[0]
+    part_chosen = rank < n_parts                                                   # (5,)
+    joint_mask = part_chosen[_index_tensor("part_of_joint", dev)]                  # (V,)
+    # Temporal: Ct units from unit u, random.randint inclusive bounds.
+    n_t = torch.randint(7, 12, (1,), generator=g, device=dev)                      # Ct
+    room = n_units - n_t + 1
+    u0 = torch.minimum((torch.rand(1, generator=g, device=dev, dtype=torch.float64) * room).floor().long(),
+                       room - 1)
+    t = torch.arange(T, device=dev)
+    unit_of_t = t // unit
+    frame_mask = (unit_of_t >= u0) & (unit_of_t < u0 + n_t) & (t < n_units * unit)  # (T,)
+    region = (frame_mask[:, None] & joint_mask[None, :])[None, None, :, :, None]   # (1, 1, T, V, 1)
+    # Branch and Mixup weight.
+    b = torch.rand(1, generator=g, device=dev, dtype=torch.float64)
+    lam_mix = torch.rand(1, generator=g, device=dev).to(x.dtype)
+    other = x.index_select(0, partner)                                             # (N, C, T, V, M)
+    swapped = torch.where(region, other, x)
+    # Resized swap: region frame 4u + j (0 <= j < rt) takes partner frame floor(j * (Ls / rt)) with
+    # Ls = min(2 rt, T): PyTorch's nearest index (float32 scale, capped at Ls - 1).
+    rt = n_t * unit
+    src_len = torch.clamp(2 * rt, max=T)
+    j = (t - u0 * unit).clamp(min=0)
+    near = (j.float() * (src_len.float() / rt.float())).floor().long()
+    near = torch.minimum(near, src_len - 1)                                        # (T,)
+    resized = torch.where(region, other.index_select(2, near), x)
+    mixup = x * (1 - lam_mix) + other * lam_mix
+    lam_region = (n_t * joint_mask.sum()).to(x.dtype) / (n_units * V)          # mean of the unit mask
+    x_mix = torch.where(b > 0.5, swapped, torch.where(b > 0.25, resized, mixup))
+    lam = torch.where(b > 0.25, lam_region, lam_mix).to(x.dtype).expand(N)
+    return x_mix, lam, partner
+
+
+# ----------------------------------------------------------------------------------------------
+# Modalities (methods.md 0.3)
+# ----------------------------------------------------------------------------------------------
+MODALITIES = ("joint", "bone", "motion")
+
+
+def to_modality(x: torch.Tensor, modality: str) -> torch.Tensor:
+    """joint: x itself; bone: bone[:, :, :, v1-1] = x[..., v1-1, :] - x[..., v2-1, :] over BONE_PAIRS_1B
+    (joint 21 -> 0); motion: x[:, :, t+1] - x[:, :, t], last frame 0. (N, C, T, V, M) -> same."""
+    if modality == "joint":
+        return x
+    if modality == "bone":
+        return x - x[:, :, :, _index_tensor("bone_parent", x.device)]
+    if modality == "motion":
+        return F.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 0, 0, 1))
+    raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")

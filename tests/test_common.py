@@ -3,7 +3,6 @@ import dataclasses
 import os
 import pickle
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -299,38 +298,38 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Gathers under a real 2-process gloo group
 # ---------------------------------------------------------------------------------------------
-def _gather_worker(rank, world, port, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _gather_worker(rank, world, init_file, out_dir):
+    # file:// rendezvous: no TCP port that another process on the machine could take first
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
     torch.manual_seed(0)
     full = torch.randn(6, 3)
     local = full[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
     g = C.gather_with_grad(local)
     loss = (g.std(0) ** 2).sum()  # a batch statistic over the global batch
     loss.backward()
-    q.put((rank, loss.item(), local.grad.clone(), C.gather_nograd(local.detach()).clone()))
+    torch.save({"loss": loss.item(), "grad": local.grad, "gathered": C.gather_nograd(local.detach())},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_gather_with_grad_matches_single_process():
+def test_gather_with_grad_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, tmp_path / "init", str(tmp_path)))
+             for r in range(2)]
     for p in procs:
         p.start()
-    res = sorted(q.get(timeout=60) for _ in procs)
     for p in procs:
-        p.join(30)
+        p.join(120)
+        assert p.exitcode == 0
     torch.manual_seed(0)
     full = torch.randn(6, 3).requires_grad_(True)
     loss = (full.std(0) ** 2).sum()
     loss.backward()
-    for rank, l, grad, gathered in res:
-        assert l == pytest.approx(loss.item(), rel=1e-6)
-        torch.testing.assert_close(gathered, full.detach())
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        torch.testing.assert_close(r["gathered"], full.detach())
         # DDP averages gradients over ranks, so each rank holds world_size x its share
-        torch.testing.assert_close(grad / 2, full.grad[rank * 3:(rank + 1) * 3])
+        torch.testing.assert_close(r["grad"] / 2, full.grad[rank * 3:(rank + 1) * 3])

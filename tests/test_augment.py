@@ -1,0 +1,482 @@
+"""Batched augmentations of common.py against the official per-sample versions (specs/methods.md 0.3,
+0.4, 0.5, 1.4, 2.4, 3A.3, 3A.4, 4.1): statistics of the drawn parameters, exact counts of masked
+joints/frames, exact outputs where the parameters can be replayed or recovered, seeding.
+
+Parameters are recovered from outputs with probe inputs: basis vectors for the 3x3 maps, frame
+indices stored as coordinates for the crops and permutations. Where a test replays draws it clones
+the generator and repeats the draw order the function's docstring lists."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+
+V = 25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is fastest on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(a, b, rtol=1.3e-6, atol=1e-5):
+    a, b = torch.as_tensor(a), torch.as_tensor(b).to(torch.as_tensor(a).dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs()
+    assert bool((err <= atol + rtol * b.abs()).all()), f"max abs diff {err.max().item():.3g}"
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def replay(g):
+    """A copy of generator g in its current state."""
+    g2 = torch.Generator()
+    g2.set_state(g.get_state())
+    return g2
+
+
+def official_resize(clip, out_len=64):
+    """The official resize of a (C, L, V, M) crop: bilinear on (1, C*V*M, L, 1), align_corners=False."""
+    c, L, v, m = clip.shape
+    t = clip.permute(0, 2, 3, 1).reshape(1, c * v * m, L, 1)
+    t = F.interpolate(t, size=(out_len, 1), mode="bilinear", align_corners=False)
+    return t[0, :, :, 0].reshape(c, v, m, out_len).permute(0, 3, 1, 2)
+
+
+def official_crop_window(n, u_scale, u_start, l0=0.1, l1=1.0, min_len=64):
+    """temporal_cropresize's window for given uniform draws (numpy float64 arithmetic)."""
+    scale = u_scale * (l1 - l0) + l0
+    length = int(np.minimum(np.maximum(int(np.floor(n * scale)), min_len), n))
+    start = int(np.floor(u_start * (n - length + 1)))
+    return start, length
+
+
+def frame_coded(N, T, v=1, m=1):
+    """(N, 3, T, v, m) with every coordinate of frame t equal to t."""
+    return torch.arange(T, dtype=torch.float32).view(1, 1, T, 1, 1).expand(N, 3, T, v, m).contiguous()
+
+
+def basis_probe(N, T=1, extra=1, seed=0):
+    """(N, 3, T, 3 + extra, 2): joints 0..2 hold the unit vectors e0..e2, the rest random data."""
+    x = torch.zeros(N, 3, T, 3 + extra, 2)
+    for j in range(3):
+        x[:, j, :, j] = 1.0
+    x[:, :, :, 3:] = torch.randn(N, 3, T, extra, 2, generator=gen(seed))
+    return x
+
+
+def changed_joints(out, x):
+    """(N, V) bool: joints whose value changed anywhere (any coordinate, frame, body)."""
+    return (out != x).any(dim=4).any(dim=2).any(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop / resize
+# ----------------------------------------------------------------------------------------------
+def test_interpolation_weights_bit_identical_to_f_interpolate():
+    for L in (30, 64, 137, 300):
+        x = torch.eye(L).view(1, 1, L, L, 1)            # joint k is 1 at frame k only
+        ours = C.center_crop_resize(x, torch.tensor([L]), 1.0)[0, 0, :, :, 0]   # (64, L)
+        ref = F.interpolate(torch.eye(L)[None, :, :, None], size=(64, 1), mode="bilinear",
+                            align_corners=False)[0, :, :, 0]                    # (L, 64)
+        assert torch.equal(ours, ref.T), L
+
+
+def test_resize_values_match_f_interpolate():
+    x = torch.randn(6, 3, 300, V, 2, generator=gen(1))
+    nf = torch.tensor([300, 250, 137, 64, 40, 1])
+    out = C.center_crop_resize(x, nf, 1.0)
+    for i, n in enumerate(nf.tolist()):
+        # equal up to the rounding of the final multiply-add (PyTorch's kernel fuses it)
+        close(out[i], official_resize(x[i, :, :n]), rtol=1e-6, atol=1e-6)
+    close(C.resize_time(x[:2], 50), torch.stack(
+        [official_resize(x[i], 50) for i in range(2)]), rtol=1e-6, atol=1e-6)
+
+
+def test_crop_resize_exact_for_replayed_draws():
+    N, T = 40, 300
+    x = torch.randn(N, 3, T, V, 2, generator=gen(2))
+    x[:, :, :, :, :] += torch.arange(T).view(1, 1, T, 1, 1)       # frames distinguishable
+    nf = torch.randint(1, T + 1, (N,), generator=gen(3))
+    nf[:4] = torch.tensor([1, 30, 64, 300])
+    g = gen(4)
+    g2 = replay(g)
+    out = C.crop_resize(x, nf, g)
+    u_scale = torch.rand(N, generator=g2, dtype=torch.float64)
+    u_start = torch.rand(N, generator=g2, dtype=torch.float64)
+    for i in range(N):
+        start, length = official_crop_window(int(nf[i]), float(u_scale[i]), float(u_start[i]))
+        close(out[i], official_resize(x[i, :, start:start + length]),
+                                   rtol=1e-6, atol=1e-5)
+
+
+def test_crop_lengths_and_starts_follow_the_official_distribution():
+    N, n = 3000, 200
+    x = frame_coded(N, 300)
+    out = C.crop_resize(x, torch.full((N,), n), gen(5))[:, 0, :, 0, 0].double()   # (N, 64)
+    # For length >= 64, output frame i sits at start + length/64*(i+0.5) - 0.5.
+    length = torch.round((out[:, 63] - out[:, 0]) * 64 / 63).long()
+    start = torch.round(out[:, 0] - (length / 128 - 0.5)).long()
+    assert length.min() >= 64 and length.max() <= n
+    assert (start >= 0).all() and (start + length <= n).all()
+    rng = np.random.default_rng(0)
+    ref = np.array([official_crop_window(n, rng.random(), 0.0)[1] for _ in range(20000)])
+    assert abs((length == 64).float().mean().item() - (ref == 64).mean()) < 0.03   # ~0.25
+    assert abs(length.double().mean().item() - ref.mean()) < 3.0
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(length.numpy(), q) - np.quantile(ref, q)) < 6
+    room = (n - length).double()
+    frac = (start.double() / room)[room > 20]
+    assert abs(frac.mean().item() - 0.5) < 0.03 and frac.min() >= 0 and frac.max() <= 1
+
+
+def test_crop_never_reads_past_num_frame_and_short_clips_are_stretched():
+    x = torch.full((3, 3, 100, V, 2), float("nan"))
+    nf = torch.tensor([10, 64, 90])
+    for i, n in enumerate(nf.tolist()):
+        x[i, :, :n] = torch.randn(3, n, V, 2, generator=gen(i))
+    out = C.crop_resize(x, nf, gen(6))
+    assert torch.isfinite(out).all()
+    close(out[0], official_resize(x[0, :, :10]), rtol=1e-6, atol=1e-6)
+
+
+def test_center_crop_start_rule():
+    T = 300
+    nf = torch.arange(1, T + 1)
+    x = frame_coded(T, T)
+    for ratio in (0.95, 0.5):
+        out = C.center_crop_resize(x, nf, ratio)
+        for n in (1, 7, 64, 101, 255, 300):
+            start = int((1 - ratio) * n / 2)
+            ref = official_resize(x[n - 1, :, start:n - start])
+            close(out[n - 1], ref, rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shear / rotate / flip / corruption / jitter
+# ----------------------------------------------------------------------------------------------
+def test_shear_matrix_distribution_and_application():
+    N = 4000
+    x = basis_probe(N)
+    out = C.shear(x, gen(7))
+    S = out[:, :, 0, :3, 0]                                         # S[n, :, j] = S e_j
+    assert torch.equal(torch.diagonal(S, dim1=1, dim2=2), torch.ones(N, 3))
+    off = S[:, [0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]]             # (N, 6)
+    assert off.abs().max() <= 1.0
+    assert off.mean(0).abs().max() < 0.03
+    assert (off.var(0) - 1 / 3).abs().max() < 0.03                 # U(-1, 1) variance
+    corr = np.corrcoef(off.T.numpy())
+    assert np.abs(corr - np.eye(6)).max() < 0.06                    # independent entries
+    close(out[:, :, 0, 3], torch.einsum("ncj,njm->ncm", S, x[:, :, 0, 3]))
+    off_half = C.shear(x, gen(8), amp=0.5)[:, :, 0, :3, 0][:, [0, 1, 2], [1, 0, 0]]
+    assert off_half.abs().max() <= 0.5 and abs(off_half.var().item() - 1 / 12) < 0.01
+
+
+def test_p_applies_per_sample():
+    N = 2000
+    x = torch.rand(N, 3, 2, V, 2, generator=gen(9)) + 0.5
+    for fn in (C.shear, C.rotate, C.joint_corruption, C.structural_mask):
+        out = fn(x, gen(9), p=0.3)
+        changed = (out != x).flatten(1).any(1).float().mean().item()
+        assert abs(changed - 0.3) < 0.05, fn.__name__
+        assert torch.equal(fn(x, gen(9), p=0.0), x)
+
+
+def _rot(axis, a):
+    c, s = math.cos(a), math.sin(a)
+    return {0: np.array([[1, 0, 0], [0, c, s], [0, -s, c]]),
+            1: np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]]),
+            2: np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])}[axis]
+
+
+def test_rotate_follows_scd_net_rule():
+    N = 3000
+    x = basis_probe(N)
+    out = C.rotate(x, gen(10))
+    R = out[:, :, 0, :3, 0].double().numpy()                        # R[n, :, j] = R e_j
+    # R = R_z(g) R_y(b) R_x(a) with the spec's matrices: R[2] = [sin b, -cos b sin a, cos b cos a].
+    b = np.arcsin(R[:, 2, 0])
+    a = np.arctan2(-R[:, 2, 1], R[:, 2, 2])
+    c = np.arctan2(-R[:, 1, 0], R[:, 0, 0])
+    for i in range(0, N, 97):                                        # x first, then y, then z
+        rebuilt = _rot(2, c[i]) @ _rot(1, b[i]) @ _rot(0, a[i])
+        np.testing.assert_allclose(rebuilt, R[i], atol=1e-5)
+    deg = np.degrees(np.stack([a, b, c], 1))                        # (N, 3)
+    assert deg.min() > -1e-3 and deg.max() < 30 + 1e-3
+    assert ((deg > 1 + 1e-3).sum(1) <= 1).all()                     # only the main axis exceeds 1 deg
+    main = deg.argmax(1)
+    assert np.abs(np.bincount(main, minlength=3) / N - 1 / 3).max() < 0.04
+    top = deg.max(1)
+    assert abs(top.mean() - 15.0) < 0.7
+    minor = np.sort(deg, 1)[:, :2]
+    assert abs(minor.mean() - 0.5) < 0.06 and minor.max() <= 1 + 1e-3
+    close(out[:, :, 0, 3], torch.einsum("ncj,njm->ncm", out[:, :, 0, :3, 0],
+                                                                x[:, :, 0, 3]))
+
+
+def test_flip_reindexes_with_the_official_order():
+    assert C.FLIP_ORDER == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 20,
+                            23, 24, 21, 22]
+    N = 2000
+    x = torch.randn(N, 3, 2, V, 2, generator=gen(11))
+    out = C.flip(x, gen(12))
+    flipped = (out == x[:, :, :, C.FLIP_ORDER]).flatten(1).all(1)
+    same = (out == x).flatten(1).all(1)
+    assert (flipped ^ same).all()
+    assert abs(flipped.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(C.flip(x, gen(12), p=1.0), x[:, :, :, C.FLIP_ORDER])
+    rare = (C.flip(x, gen(13), p=0.2) == x[:, :, :, C.FLIP_ORDER]).flatten(1).all(1)
+    assert abs(rare.float().mean().item() - 0.2) < 0.04
+
+
+def test_joint_corruption_counts_branches_and_matrix():
+    N = 2000
+    x = torch.zeros(N, 3, 4, V, 2)
+    for t in range(3):
+        x[:, t, t] = 1.0                                             # frame t holds e_t at every joint
+    x[:, :, 3] = torch.rand(N, 3, V, 2, generator=gen(13)) + 0.5     # nonzero data
+    out = C.joint_corruption(x, gen(14))
+    chosen = changed_joints(out, x)                                  # (N, V)
+    assert (chosen.sum(1) == 15).all()
+    per_pos = out[:, :, 3] != x[:, :, 3]                             # same joints for all frames/bodies
+    assert torch.equal(per_pos.any(1)[..., 0], chosen) and torch.equal(per_pos.any(1)[..., 1], chosen)
+    assert (chosen.float().mean(0) - 0.6).abs().max() < 0.05         # uniform choice of 15 of 25
+    sel = chosen[:, :, None, None, None].permute(0, 2, 3, 1, 4).expand_as(out)
+    zeroed = ((out == 0) | ~sel).flatten(1).all(1)
+    assert abs(zeroed.float().mean().item() - 0.5) < 0.05
+    Rs = []
+    for i in torch.nonzero(~zeroed).flatten()[:300].tolist():
+        js = torch.nonzero(chosen[i]).flatten()
+        R = out[i, :, :3, js[0], 0].T                                # R[t, c] = (e_t @ R)[c]
+        for j in js.tolist():
+            assert torch.equal(out[i, :, :3, j, 1].T, R)
+            close(out[i, :, 3, j], (x[i, :, 3, j].T @ R).T)
+        Rs.append(R)
+    Rs = torch.stack(Rs)
+    assert Rs.abs().max() <= 1 and Rs.mean().abs() < 0.03 and abs(Rs.var().item() - 1 / 3) < 0.03
+
+
+def test_corrupt_or_shear_picks_one_per_sample():
+    N = 2000
+    x = torch.rand(N, 3, 2, V, 2, generator=gen(15)) + 0.5
+    n_changed = changed_joints(C.corrupt_or_shear(x, gen(16)), x).sum(1)
+    assert set(n_changed.unique().tolist()) == {15, 25}
+    assert abs((n_changed == 15).float().mean().item() - 0.5) < 0.05
+
+
+def test_joint_jitter_noise_level():
+    x = torch.randn(64, 3, 16, V, 2, generator=gen(17))
+    d = C.joint_jitter(x, gen(18), std=0.01) - x
+    assert abs(d.std().item() - 0.01) < 0.0005 and abs(d.mean().item()) < 0.0005
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+def _two_hop_np():
+    A = np.eye(V) + np.asarray(C.adjacency(), dtype=np.float64)
+    return A @ A
+
+
+def test_structural_mask_zeroes_the_top8_scores():
+    N = 2000
+    x = torch.ones(N, 3, 3, V, 2)
+    g = gen(19)
+    draws = torch.randint(0, V, (N, 5), generator=replay(g)).numpy()
+    out = C.structural_mask(x, g)
+    zero = out == 0
+    masked = zero.all(4).all(2).all(1)                               # (N, V)
+    assert torch.equal(zero.any(4).any(2).any(1), masked)            # whole joints only
+    assert (masked.sum(1) == 8).all()
+    score = _two_hop_np()[draws].sum(1)                              # (N, V) per-sample scores
+    kth = np.sort(score, 1)[:, -8:-7]                                # 8th largest
+    m = masked.numpy()
+    assert (m[score > kth]).all() and not (m[score < kth]).any()
+    # Ties broken uniformly at random: per-joint frequencies match a numpy reference doing the same.
+    rng = np.random.default_rng(0)
+    ref = np.zeros(V)
+    for d in rng.integers(0, V, (20000, 5)):
+        s = _two_hop_np()[d].sum(0)
+        ref[np.lexsort((rng.random(V), s))[-8:]] += 1
+    assert np.abs(m.mean(0) - ref / 20000).max() < 0.045
+
+
+def test_cube_mask_six_cubes_of_four_frames():
+    N = 1000
+    x = torch.ones(N, 3, 64, 4, 2)
+    out = C.cube_mask(x, gen(20))
+    zero_t = (out == 0).all(4).all(3).all(1)                         # (N, T)
+    assert torch.equal((out == 0).any(4).any(3).any(1), zero_t)
+    cubes = zero_t.view(N, 16, 4)
+    assert torch.equal(cubes.all(2), cubes.any(2))                   # whole cubes
+    assert (cubes.all(2).sum(1) == 6).all() and (zero_t.sum(1) == 24).all()
+    assert (cubes.all(2).float().mean(0) - 6 / 16).abs().max() < 0.06
+
+
+def test_body_part_mask_structure_and_frequencies():
+    parts = list(C.BODY_PARTS.values())
+    assert sorted(itertools.chain(*parts)) == list(range(V))
+    counts = np.zeros(5)
+    g = gen(21)
+    for _ in range(200):
+        mask = C.body_part_mask((3, 3, 64, V, 2), g)
+        assert mask.shape == (3, 3, 64, V, 2) and mask.dtype == torch.float32
+        assert torch.equal(mask, mask[:1, :1].expand_as(mask))       # one pattern for the batch
+        assert (mask[..., 1] == 1).all()                             # body 2 never masked
+        hidden = mask[0, 0, :, :, 0] == 0                            # (T, V)
+        chunks = hidden.view(8, 8, V)
+        assert torch.equal(chunks, chunks[:, :1].expand_as(chunks))  # constant within a chunk
+        for k in range(8):
+            on = [bool(chunks[k, 0, p].all()) for p in parts]
+            assert sum(on) == 3
+            assert int(chunks[k, 0].sum()) == sum(len(p) for p, o in zip(parts, on) if o)
+            counts += on
+    assert np.abs(counts / 1600 - 0.6).max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed, order, mixing
+# ----------------------------------------------------------------------------------------------
+def test_speed_indices_and_gather():
+    idx = C.speed_indices(torch.tensor([100, 20, 5]), torch.tensor([10, 15, 0]), torch.tensor([2, 4, 8]))
+    assert idx.shape == (3, 32)
+    assert idx[0].tolist() == list(range(10, 73, 2))                  # the paper's example, 32 frames
+    assert idx[1].tolist() == [(15 + 4 * i) % 20 for i in range(32)]  # loops over the valid frames
+    assert idx[2].tolist() == [(8 * i) % 5 for i in range(32)]
+    assert C.speed_indices(torch.tensor([50]), 3, 1, length=4).tolist() == [[3, 4, 5, 6]]
+    x = frame_coded(3, 100, v=2, m=2)
+    out = C.gather_frames(x, idx)
+    assert out.shape == (3, 3, 32, 2, 2)
+    assert torch.equal(out[:, 1, :, 1, 0].long(), idx)
+
+
+def test_shuffle_frames_is_a_non_identity_permutation():
+    N = 3000
+    out = C.shuffle_frames(frame_coded(N, 3), gen(22))[:, 0, :, 0, 0].long()
+    assert torch.equal(out.sort(1).values, torch.arange(3).expand(N, 3))
+    assert not (out == torch.arange(3)).all(1).any()
+    perms = {}
+    for row in out.tolist():
+        perms[tuple(row)] = perms.get(tuple(row), 0) + 1
+    assert len(perms) == 5 and max(abs(c / N - 0.2) for c in perms.values()) < 0.03
+    assert (C.shuffle_frames(frame_coded(100, 2), gen(23))[:, 0, :, 0, 0] == torch.tensor([1., 0.])).all()
+    with pytest.raises(ValueError):
+        C.shuffle_frames(frame_coded(2, 1), gen(0))
+
+
+def test_mix_samples_follows_ske_swap():
+    parts = [set(p) for p in C.BODY_PARTS.values()]
+    N, T = 5, 64
+    g = gen(24)
+    branches, shifts, n_parts, units = [], [], [], []
+    for k in range(300):
+        x = torch.randn(N, 3, T, V, 2, generator=gen(1000 + k))
+        g2 = replay(g)
+        out, lam, partner = C.mix_samples(x, g)
+        # Replay the draws (docstring order) to get the branch variable b: > .5 swap, > .25 resized.
+        torch.randint(1, N - 1, (1,), generator=g2), torch.randint(2, 4, (1,), generator=g2)
+        torch.rand(1, 5, generator=g2), torch.randint(7, 12, (1,), generator=g2)
+        torch.rand(1, generator=g2, dtype=torch.float64)
+        b = float(torch.rand(1, generator=g2, dtype=torch.float64))
+        expected = "swap" if b > 0.5 else "resized" if b > 0.25 else "mixup"
+        assert lam.shape == (N,) and torch.equal(lam, lam[:1].expand(N))
+        shift = int(partner[0])
+        assert 1 <= shift <= N - 2 and torch.equal(partner, (torch.arange(N) + shift) % N)
+        shifts.append(shift)
+        other = x[partner]
+        diff = out != x
+        if diff.float().mean() > 0.9:        # Mixup (a swap region covers < 1/2 of the clip)
+            lm = float(lam[0])
+            assert 0 < lm < 1
+            close(out, x * (1 - lm) + other * lm)
+            branches.append("mixup")
+            assert expected == "mixup"
+            continue
+        region = diff.any(4).any(1).any(0)                            # (T, V)
+        assert torch.equal(diff, region[None, None, :, :, None].expand_as(diff))
+        frames = torch.nonzero(region.any(1)).flatten()
+        joints = set(torch.nonzero(region.any(0)).flatten().tolist())
+        t0, rt = int(frames[0]), len(frames)
+        assert t0 % 4 == 0 and rt % 4 == 0 and 7 <= rt // 4 <= 11
+        assert frames.tolist() == list(range(t0, t0 + rt))
+        chosen = [p for p in parts if p <= joints]
+        assert set().union(*chosen) == joints and len(chosen) in (2, 3)
+        assert math.isclose(float(lam[0]), (rt // 4) * len(joints) / (16 * V), rel_tol=1e-6)
+        js = sorted(joints)
+        got = out[:, :, t0:t0 + rt][:, :, :, js]
+        if torch.equal(got, other[:, :, t0:t0 + rt][:, :, :, js]):
+            branches.append("swap")
+        else:
+            src = other[:, :, :min(2 * rt, T)]
+            ref = F.interpolate(src, size=(rt, V, 2))                  # official: default 'nearest'
+            assert torch.equal(got, ref[:, :, :, js])
+            branches.append("resized")
+        assert branches[-1] == expected
+        n_parts.append(len(chosen))
+        units.append(rt // 4)
+    freq = {b: branches.count(b) / 300 for b in ("swap", "resized", "mixup")}
+    assert abs(freq["swap"] - 0.5) < 0.09 and abs(freq["resized"] - 0.25) < 0.08
+    assert abs(freq["mixup"] - 0.25) < 0.08
+    assert set(shifts) == {1, 2, 3} and set(units) == set(range(7, 12))
+    assert abs(n_parts.count(2) / len(n_parts) - 0.5) < 0.1
+
+
+def test_mix_samples_small_batches():
+    x = torch.randn(2, 3, 64, V, 2, generator=gen(25))
+    assert C.mix_samples(x, gen(26))[2].tolist() == [1, 0]
+    out, lam, partner = C.mix_samples(x[:1], gen(26))
+    assert partner.tolist() == [0] and torch.allclose(out, x[:1])
+    with pytest.raises(ValueError, match="44 frames"):
+        C.mix_samples(x[:, :, :40], gen(26))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modalities, seeding
+# ----------------------------------------------------------------------------------------------
+def test_modalities():
+    x = torch.randn(2, 3, 8, V, 2, generator=gen(27))
+    bone = torch.zeros_like(x)
+    for v1, v2 in C.BONE_PAIRS_1B:
+        bone[:, :, :, v1 - 1] = x[:, :, :, v1 - 1] - x[:, :, :, v2 - 1]
+    assert torch.equal(C.to_modality(x, "bone"), bone)
+    assert (C.to_modality(x, "bone")[:, :, :, 20] == 0).all()
+    motion = torch.zeros_like(x)
+    motion[:, :, :-1] = x[:, :, 1:] - x[:, :, :-1]
+    assert torch.equal(C.to_modality(x, "motion"), motion)
+    assert C.to_modality(x, "joint") is x
+    with pytest.raises(ValueError, match="modality"):
+        C.to_modality(x, "velocity")
+
+
+RANDOM_FNS = {
+    "crop_resize": lambda x, g: C.crop_resize(x, torch.full((x.shape[0],), 40), g, out_len=16,
+                                              min_len=16),
+    "shear": C.shear, "rotate": C.rotate, "flip": C.flip, "joint_corruption": C.joint_corruption,
+    "corrupt_or_shear": C.corrupt_or_shear, "joint_jitter": C.joint_jitter,
+    "structural_mask": C.structural_mask, "cube_mask": C.cube_mask,
+    "shuffle_frames": C.shuffle_frames, "mix_samples": lambda x, g: C.mix_samples(x, g)[0],
+    "body_part_mask": lambda x, g: C.body_part_mask(x.shape, g, device=x.device),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_FNS))
+def test_seeded_reproducibility(name):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        x = torch.randn(64, 3, 64, V, 2, generator=gen(28)).to(dev)
+        fn = RANDOM_FNS[name]
+        a = fn(x, torch.Generator(dev).manual_seed(5))
+        b = fn(x, torch.Generator(dev).manual_seed(5))
+        c = fn(x, torch.Generator(dev).manual_seed(6))
+        assert a.device == x.device and a.shape[:2] == x.shape[:2]
+        assert torch.equal(a, b) and not torch.equal(a, c)
