@@ -18,10 +18,13 @@ corruption or shear, 4 views per clip) from one batch of raw (3, 300, 25, 2) cli
 The batched line carries `speedup_vs_numpy_per_sample` (wall) and, on CPU, the same ratio of process
 CPU times (target >= 10 on CPU, same threads). Every benchmark runs twice by default: with glibc's
 default allocator, then after tune_glibc_malloc() (see there), each line naming its "allocator".
+The last line ({"what": "summary", ...}) repeats every speedup of the run, per benchmark and
+allocator, next to the target, so the result of the comparison reads off one line.
 """
 import argparse
 import ctypes
 import json
+import os
 import random
 import statistics
 import sys
@@ -166,6 +169,24 @@ def bench_usdrl_views(opts):
 
 
 BENCHMARKS = {"usdrl_views": bench_usdrl_views}
+SPEEDUP_TARGET = 10.0   # issue 2: batched views >= 10x the per-sample numpy pipeline on CPU
+
+
+def summary(records):
+    """One closing record: per benchmark and allocator, the wall and CPU-time speedups of the
+    lines that carry one, and whether they reach SPEEDUP_TARGET."""
+    ratios = {}
+    for rec in records:
+        if "speedup_vs_numpy_per_sample" not in rec:
+            continue
+        entry = {"wall": rec["speedup_vs_numpy_per_sample"]}
+        if "cpu_time_speedup_vs_numpy_per_sample" in rec:
+            entry["cpu_time"] = rec["cpu_time_speedup_vs_numpy_per_sample"]
+        met = all(v >= SPEEDUP_TARGET for v in entry.values())
+        ratios.setdefault(rec["what"], {})[rec["config"]["allocator"]] = {
+            **entry, "meets_target": met, "device": rec["device"]}
+    return {"what": "summary", "speedup_vs_numpy_per_sample": ratios, "target": SPEEDUP_TARGET,
+            "load_avg_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None}
 
 
 def main(argv=None):
@@ -187,6 +208,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     modes = ["glibc_default", "glibc_tuned"] if opts.allocator == "both" else [opts.allocator]
+    records = []
     for mode in modes:
         if mode == "glibc_tuned" and not tune_glibc_malloc():
             print(json.dumps({"note": "glibc mallopt unavailable; skipped glibc_tuned"}), flush=True)
@@ -194,7 +216,9 @@ def main(argv=None):
         opts.allocator = mode
         for name in names:
             for rec in BENCHMARKS[name](opts):
+                records.append(rec)
                 print(json.dumps(rec), flush=True)
+    print(json.dumps(summary(records)), flush=True)
 
 
 if __name__ == "__main__":
