@@ -731,6 +731,7 @@ class BatchLoader:
     concatenated in rank order equal the single-process batch. Only the first max(num_frame) frames
     of a batch are read (the crops never look further). With `on_device` the whole split is copied
     to the device once (optionally stored as float16) and batches are gathered there.
+    Pre-training loops pass `with_labels=False`: the third item of each batch is then None.
     """
 
     def __init__(self, split: SkeletonSplit, batch_size: int, *, shuffle: bool = True,
@@ -789,7 +790,7 @@ class BatchLoader:
             nf = self.res_num_frame[i]
             t = int(nf.max()) if self.max_frames is None else self.max_frames
             x = self.resident[i, :, :t].float()
-            return x, nf, self.res_labels[i]
+            return x, nf, self.res_labels[i] if self.with_labels else None
         nf = self.num_frame[idx]
         t = min(int(nf.max()) if self.max_frames is None else self.max_frames,
                 self.split.data.shape[2])
@@ -799,7 +800,8 @@ class BatchLoader:
         x = torch.from_numpy(block)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return x, nf.to(self.device), self.labels[idx].to(self.device)
+        labels = self.labels[idx].to(self.device) if self.with_labels else None
+        return x, nf.to(self.device), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self._order()

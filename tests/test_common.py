@@ -242,7 +242,8 @@ def test_loader_content_no_shuffle_and_on_device(tmp_path):
     for (a, _, ya), (b, _, yb) in zip(plain, res):
         assert torch.equal(ya, yb)
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
-    thr = list(C.BatchLoader(s, 4, shuffle=False, drop_last=False, num_workers=2))
+    thr = list(C.BatchLoader(s, 4, shuffle=False, drop_last=False, num_workers=2, with_labels=False))
+    assert all(b[2] is None for b in thr)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, thr))
 
 
