@@ -158,8 +158,9 @@ def parse_args(cls: type, argv: list[str] | None = None, quick: dict | None = No
             raise ValueError(f"quick config names unknown fields {unknown}")
         values.update(applied)
         if applied:
+            # stderr: scripts such as evaluate.py keep stdout for their JSON result lines
             print("synthetic quick-start config: " +
-                  " ".join(f"--{k} {v}" for k, v in applied.items()), flush=True)
+                  " ".join(f"--{k} {v}" for k, v in applied.items()), file=sys.stderr, flush=True)
     return cls(**values)
 
 
@@ -340,6 +341,65 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients too (every rank's loss depends on
+    every rank's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        g = g.contiguous().clone()
+        dist.all_reduce(g)
+        return g
+
+
+@torch.compiler.disable  # a collective inside a custom Function: keep it out of compiled graphs
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x) if _world() > 1 else x
+
+
+class _GlobalBN:
+    """BatchNorm whose training statistics cover the GLOBAL batch under torchrun, on any backend
+    (nn.SyncBatchNorm is CUDA-only, so it cannot run the gloo equivalence tests on CPU).
+
+    With it an N-process run normalises exactly as one process with the global batch. Outside a
+    multi-process group (and in eval mode) it is plain BatchNorm; state-dict keys are nn.BatchNorm's.
+    Ranks must hold equal local batches (BatchLoader guarantees it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _world() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        n = x.numel() // x.shape[1] * _world()
+        mean = all_reduce_sum_with_grad(xf.sum(dims)) / n
+        xc = xf - mean.view(shape)
+        var = all_reduce_sum_with_grad((xc * xc).sum(dims)) / n  # two passes, as F.batch_norm
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype),
+                                   self.momentum)
+        y = xc * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class GlobalBatchNorm1d(_GlobalBN, nn.BatchNorm1d):
+    pass
+
+
+class GlobalBatchNorm2d(_GlobalBN, nn.BatchNorm2d):
+    pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -970,7 +970,8 @@ def _kinect_extras(rng, bodies: np.ndarray, state: np.ndarray) -> tuple[list, np
 # ----------------------------------------------------------------------------------------------
 # Synthetic data: datasets
 # ----------------------------------------------------------------------------------------------
-GENERATOR_VERSION = 1
+# Bumped whenever the generated data change, so folders written by an older version are rebuilt.
+GENERATOR_VERSION = 2
 NTU60_TEST_SUBJECTS = tuple(p for p in range(1, 41) if p not in NTU60_TRAIN_SUBJECTS)
 # Trimmed set: every subject performs every class once (one replication, seen by the 3 cameras).
 # Untrimmed set: (sequence id, performer, two-person video) for PKU-MMD-like long videos.

@@ -79,7 +79,7 @@ def test_parse_args_types_bools_lists_and_quick(capsys):
     quick = {"hidden": 16, "lr": 0.5, "prompt": False}
     a = C.parse_args(_Args, ["--dataset", "synthetic", "--lr", "0.2", "--prompt"], quick=quick)
     assert (a.hidden, a.lr, a.prompt) == (16, 0.2, True)  # explicit flags win over the quick config
-    assert "--hidden 16" in capsys.readouterr().out
+    assert "--hidden 16" in capsys.readouterr().err
     a = C.parse_args(_Args, ["--dataset", "ntu60"], quick=quick)
     assert a.hidden == 1024  # the quick config only applies to synthetic data
 
@@ -299,6 +299,10 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Gathers under a real 2-process gloo group
 # ---------------------------------------------------------------------------------------------
+def _bn_input():
+    return torch.randn(8, 3, 5, 4, generator=torch.Generator().manual_seed(2)) * 3 + 1
+
+
 def _gather_worker(rank, world, init_file, out_dir):
     # file:// rendezvous: no TCP port that another process on the machine could take first
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -309,7 +313,12 @@ def _gather_worker(rank, world, init_file, out_dir):
     g = C.gather_with_grad(local)
     loss = (g.std(0) ** 2).sum()  # a batch statistic over the global batch
     loss.backward()
-    torch.save({"loss": loss.item(), "grad": local.grad, "gathered": C.gather_nograd(local.detach())},
+    bn_x = _bn_input()[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    bn = C.GlobalBatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    (bn(bn_x) ** 3).sum().backward()
+    torch.save({"loss": loss.item(), "grad": local.grad, "gathered": C.gather_nograd(local.detach()),
+                "bn_grad": bn_x.grad, "bn_state": bn.state_dict(), "bn_wgrad": bn.weight.grad},
                os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -328,9 +337,21 @@ def test_gather_with_grad_matches_single_process(tmp_path):
     full = torch.randn(6, 3).requires_grad_(True)
     loss = (full.std(0) ** 2).sum()
     loss.backward()
+    bn_x = _bn_input().requires_grad_(True)
+    bn = C.GlobalBatchNorm2d(3)  # single process: plain BatchNorm
+    bn.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    (bn(bn_x) ** 3).sum().backward()
+    wgrads = []
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
         torch.testing.assert_close(r["gathered"], full.detach())
         # DDP averages gradients over ranks, so each rank holds world_size x its share
         torch.testing.assert_close(r["grad"] / 2, full.grad[rank * 3:(rank + 1) * 3])
+        # global BatchNorm: one process's running statistics, and each rank's input gradient is the
+        # gradient of the summed loss of all ranks (the statistics couple them), as in SyncBatchNorm
+        torch.testing.assert_close(r["bn_state"]["running_mean"], bn.running_mean)
+        torch.testing.assert_close(r["bn_state"]["running_var"], bn.running_var)
+        torch.testing.assert_close(r["bn_grad"], bn_x.grad[rank * 4:(rank + 1) * 4])
+        wgrads.append(r["bn_wgrad"])
+    torch.testing.assert_close(wgrads[0] + wgrads[1], bn.weight.grad)
