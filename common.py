@@ -281,6 +281,7 @@ def setup_distributed(device_name: str = "auto") -> Dist:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _STATS_GROUP.clear()
 
 
 def _world() -> int:
@@ -343,6 +344,19 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
+_STATS_GROUP: list = []
+
+
+def _stats_group():
+    """A process group of its own for batch-statistics all-reduces: gloo must see collectives in the
+    same order on every rank, and DDP reduces its gradient buckets on the default group while the
+    backward of these sums is still running. Created at the first use, which every rank reaches at
+    the same point of the same forward."""
+    if not _STATS_GROUP:
+        _STATS_GROUP.append(dist.new_group())
+    return _STATS_GROUP[0]
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the incoming gradients too (every rank's loss depends on
     every rank's input through the sum)."""
@@ -350,13 +364,13 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_stats_group())
         return x
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         g = g.contiguous().clone()
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=_stats_group())
         return g
 
 

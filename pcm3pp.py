@@ -1,0 +1,619 @@
+"""PCM3++: prompted contrast with masked motion modeling, clip contrast and post-distillation.
+
+Papers: J. Zhang et al., "Prompted Contrast with Masked Motion Modeling: Towards Versatile 3D Action
+Representation Learning" (PCM3, ACM MM 2023) and the survey that extends it to PCM3++
+(seeds/survey_pcm3pp.txt). Official PCM3 code: https://github.com/JHang2020/PCM3 (facts we follow:
+specs/methods.md 3A); what PCM3++ adds (3B) is unreleased, our reading is SPEC section 5.
+
+What is trained: a MoCo v2 query/key pair of PCM3 "BIGRU" encoders (input BatchNorm, a 3-layer GRU whose
+two "directions" both run forward in time, last-step 2048-d feature, 128-d MLP head), a queue of 16384
+keys, InfoNCE (T 0.07) plus CMD-style distillation (teacher 0.05, student 0.1, whole queue) for each
+positive pair: query view, inter-sample mixed view (mixed key), body-part masked view, the view
+predicted by the masked-motion decoder (whose contrastive gradient reaches the decoder), and PCM3++'s
+temporal clip (the key view with frames outside a 16..32-frame window zeroed, through the query branch,
+positive = the full key); the decoder's masked reconstruction MSE (weight 40); learnable input and
+feature prompts (--prompt, the official joint variant; --no_prompt is the official bone/motion one).
+Then an optional post-distillation stage (PCM3++, Eq. 10): --post_distill_epochs more epochs at the
+final lr of stage one, every InfoNCE term dropped, distillation and reconstruction kept.
+
+Commands (--batch_size is the GLOBAL batch in every case):
+  1 GPU:      python pcm3pp.py --dataset ntu60 --split xsub --data_dir data
+  N GPUs:     torchrun --nproc_per_node 4 pcm3pp.py --dataset ntu60 --split xsub --data_dir data
+  CPU quick:  python pcm3pp.py --dataset synthetic   (QUICK config below, a few minutes on 2 cores)
+  resume:     add --resume (continues from <out_dir>/last.pt, stage one or post-distillation)
+  bone/motion stream: --modality bone --no_prompt (the official PCM3_woprompt variant)
+  post-distillation only, from a finished stage-one checkpoint (e.g. one trained with
+  --post_distill_epochs 0):  python pcm3pp.py --post_distill_from out/a/last.pt --out_dir out/b
+
+Decisions (our reading where the survey is silent): the clip window is drawn per sample, the clip gets
+the base prompt and weight 1, its distillation target is k; post-distillation continues the queue, the
+key momentum and the SGD state at the constant final lr, keeps all five distillation terms and the
+reconstruction; with --no_prompt no distillation term enters stage one (as PCM3_woprompt). Mixing acts
+on the modality-converted view. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
+official DDP path; it equals the official single-GPU run) instead of shuffle-BN.
+
+Official checkpoints: Encoder's state_dict keys are exactly the official `encoder_q.*` keys with the
+prefix removed: input_norm.{weight,bias,running_mean,running_var,num_batches_tracked},
+encoder.{weight_ih,weight_hh,bias_ih,bias_hh}_l{0,1,2}[_reverse] (one nn.GRU(150, 1024, 3,
+bidirectional=True)), fc.0.{weight,bias}, fc.2.{weight,bias}. In Model: encoder_q.*, encoder_k.*,
+queue, queue_ptr as the official MoCo builder; prompts base/mask/recons/mix/cl/mp_prompt, linear.*,
+decoder.* (GRU) and decoder_out.* (the names of these last three are our reading).
+"""
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import arg
+
+METHOD = "pcm3pp"
+
+
+@dataclass
+class Args:
+    dataset: str = arg("ntu60", "dataset name (ntu60, ntu120, pku1, pku2, synthetic, synthetic_ext)")
+    split: str = arg("xsub", "benchmark split (xsub, xview, xsetup)")
+    data_dir: str = arg("data", "root folder of the processed datasets")
+    out_dir: str = arg("", "output folder (default out/pcm3pp_<dataset>_<split>)")
+    modality: str = arg("joint", "input stream, computed per view after the crop (official --stream)",
+                        choices=["joint", "bone", "motion"])
+    prompt: bool = arg(True, "learnable input/feature prompts and distillation in the total (official "
+                       "PCM3_wprompt, joint); --no_prompt = PCM3_woprompt (bone/motion script)")
+    window: int = arg(64, "frames per clip (T) the encoder takes, pre-training and downstream")
+    joints: int = arg(25, "joints per body (V)")
+    bodies: int = arg(2, "bodies per clip (M); the GRU input is V*C*M = 150 wide")
+    hidden: int = arg(1024, "GRU hidden size per direction (the feature is 2*hidden)")
+    layers: int = arg(3, "GRU layers")
+    feat_dim: int = arg(128, "output width of the MLP projection head")
+    prompt_dim: int = arg(256, "feature-prompt width: two halves added at a random offset to the two "
+                          "hidden-size halves of the feature")
+    dec_dim: int = arg(512, "width of the decoder's per-step MLP and GRU")
+    dec_layers: int = arg(2, "decoder GRU layers")
+    queue_size: int = arg(16384, "MoCo queue length K")
+    momentum: float = arg(0.999, "MoCo key-encoder momentum")
+    temperature: float = arg(0.07, "InfoNCE temperature")
+    teacher_temp: float = arg(0.05, "distillation temperature of the key (teacher) similarities")
+    student_temp: float = arg(0.1, "distillation temperature of the query (student) similarities")
+    rec_weight: float = arg(40.0, "weight of the masked reconstruction MSE")
+    mask_chunks: int = arg(8, "temporal chunks of the body-part mask (3 of 5 parts masked per chunk)")
+    clip_len: list = arg([16, 32], "min and max frames of the PCM3++ temporal clip window (inclusive)")
+    crop_scale: list = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
+    epochs: int = arg(451, "stage-one epochs")
+    post_distill_epochs: int = arg(50, "post-distillation epochs after stage one (0 = none)")
+    post_distill_from: str = arg("", "run only post-distillation, starting from this stage-one "
+                                 "checkpoint (its weights, queue and schedule)")
+    batch_size: int = arg(128, "global batch size (split evenly over torchrun processes)")
+    lr: float = arg(0.02, "SGD learning rate")
+    sgd_momentum: float = arg(0.9, "SGD momentum")
+    weight_decay: float = arg(1e-4, "SGD weight decay")
+    lr_steps: list = arg([351], "epochs at which the learning rate is multiplied by 0.1")
+    seed: int = arg(42, "random seed (weights, shuffling, augmentation)")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = arg("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16",
+                     choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue from <out_dir>/last.pt")
+    num_workers: int = arg(0, "data-loading worker threads")
+    log_every: int = arg(50, "log a line every this many steps")
+    save_every: int = arg(100, "write <out_dir>/last.pt every this many epochs (and at the end)")
+    data_on_device: bool = arg(False, "keep the whole training split on the device")
+
+
+# Small config for the CPU quick start on synthetic data (a few minutes on 2 cores). The structure
+# (3 forward-in-time GRU layers, all views and losses, post-distillation) is the paper's; widths, queue
+# and epochs shrink, and the key momentum drops to 0.99 (0.999 barely moves the key encoder in ~100
+# steps) with lr 0.05. The defaults above stay the paper's NTU-60 run.
+QUICK = dict(hidden=64, prompt_dim=32, dec_dim=64, queue_size=1024, batch_size=64, epochs=6,
+             post_distill_epochs=1, lr_steps=[5], lr=0.05, momentum=0.99, log_every=6, save_every=1)
+
+
+# ----------------------------------------------------------------------------------------- model
+class _ForwardGRULayer(torch.autograd.Function):
+    """One BIGRU layer on CPU: its weight sets l{k} and l{k}_reverse both run forward in time, batched
+    as one (2, N, H) recurrence. Autograd through aten::gru forms the W_hh gradient as one outer
+    product per step (read + write of the whole matrix T times); here the backward keeps the gate
+    gradients and forms every weight gradient with one GEMM over all T*N rows."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, x, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_ih_r, w_hh_r, b_ih_r, b_hh_r):
+        n, t, _ = x.shape
+        hid = w_hh_f.shape[1]
+        xr = x.reshape(n * t, -1)
+        gi = torch.stack([torch.addmm(b_ih_f, xr, w_ih_f.t()), torch.addmm(b_ih_r, xr, w_ih_r.t())])
+        gi = gi.view(2, n, t, 3, hid).permute(2, 3, 0, 1, 4)            # (T, gate r|z|n, 2, N, H)
+        w_hh = torch.stack([w_hh_f, w_hh_r])                            # (2, 3H, H)
+        b_hh = torch.stack([b_hh_f, b_hh_r])[:, None]                    # (2, 1, 3H)
+        hs = x.new_zeros(t + 1, 2, n, hid)                               # h_{-1} = 0, then h_0..h_T-1
+        gates = x.new_empty(t, 4, 2, n, hid)                             # r, z, n, W_hn h + b_hn
+        for s in range(t):
+            gh = torch.baddbmm(b_hh, hs[s], w_hh.transpose(1, 2)).view(2, n, 3, hid)
+            r = torch.sigmoid(gi[s, 0] + gh[:, :, 0])
+            z = torch.sigmoid(gi[s, 1] + gh[:, :, 1])
+            cand = torch.tanh(gi[s, 2] + r * gh[:, :, 2])
+            hs[s + 1] = cand + z * (hs[s] - cand)                        # (1 - z) n + z h
+            gates[s] = torch.stack([r, z, cand, gh[:, :, 2]])
+        ctx.save_for_backward(x, w_ih_f, w_ih_r, w_hh, hs, gates)
+        return hs[1:].permute(2, 0, 1, 3).reshape(n, t, 2 * hid)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy):
+        x, w_ih_f, w_ih_r, w_hh, hs, gates = ctx.saved_tensors
+        n, t, _ = x.shape
+        hid = w_hh.shape[2]
+        dy = dy.reshape(n, t, 2, hid).permute(1, 2, 0, 3)                # (T, 2, N, H)
+        dgi = x.new_empty(t, 2, n, 3, hid)                               # grads of W_ih x + b_ih
+        dgh = x.new_empty(t, 2, n, 3, hid)                               # grads of W_hh h + b_hh
+        dh = x.new_zeros(2, n, hid)
+        for s in range(t - 1, -1, -1):
+            dh = dh + dy[s]
+            r, z, cand, ghn = gates[s]
+            dn = dh * (1 - z) * (1 - cand * cand)
+            dz = dh * (hs[s] - cand) * z * (1 - z)
+            dr = dn * ghn * r * (1 - r)
+            dgi[s, :, :, 0], dgi[s, :, :, 1], dgi[s, :, :, 2] = dr, dz, dn
+            dgh[s, :, :, 0], dgh[s, :, :, 1], dgh[s, :, :, 2] = dr, dz, dn * r
+            dh = torch.baddbmm(dh * z, dgh[s].view(2, n, 3 * hid), w_hh)
+        rows = dgh.permute(1, 3, 4, 0, 2).reshape(2, 3 * hid, t * n)      # (2, 3H, T*N)
+        d_w_hh = torch.bmm(rows, hs[:-1].transpose(0, 1).reshape(2, t * n, hid))
+        d_b_hh = rows.sum(2)
+        dgi = dgi.permute(1, 2, 0, 3, 4).reshape(2, n * t, 3 * hid)       # rows in x's (N, T) order
+        xr = x.reshape(n * t, -1)
+        dx = (dgi[0] @ w_ih_f + dgi[1] @ w_ih_r).view_as(x)
+        return (dx, dgi[0].t() @ xr, d_w_hh[0], dgi[0].sum(0), d_b_hh[0],
+                dgi[1].t() @ xr, d_w_hh[1], dgi[1].sum(0), d_b_hh[1])
+
+
+@torch.compiler.disable  # the GRU stays on cuDNN / the CPU kernel above under torch.compile
+def forward_in_time_gru(gru: nn.GRU, x: torch.Tensor, native: bool | None = None) -> torch.Tensor:
+    """The official BIGRU recurrence, evaluated with whole-sequence calls.
+
+    The official code calls `gru` once per time step on a length-1 slice and carries the (2L, N, H)
+    state, so the "_reverse" weights of each layer also run FORWARD in time (methods.md 3A.2). Per layer
+    that is two unidirectional GRUs over the whole sequence from a zero state, outputs concatenated
+    (forward weights first) as the next layer's input. `native` (default: on CUDA) runs them as
+    torch.gru calls (cuDNN); otherwise _ForwardGRULayer.  x (N, T, I) -> (N, T, 2H), all steps."""
+    native = x.is_cuda if native is None else native
+    h0 = x.new_zeros(1, x.shape[0], gru.hidden_size)
+    for layer in range(gru.num_layers):
+        w = [getattr(gru, f"{name}_l{layer}{sfx}") for sfx in ("", "_reverse")
+             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if native:
+            x = torch.cat([torch.gru(x, h0, w[:4], True, 1, 0.0, gru.training, False, True)[0],
+                           torch.gru(x, h0, w[4:], True, 1, 0.0, gru.training, False, True)[0]], 2)
+        else:
+            x = _ForwardGRULayer.apply(x, *w)
+    return x
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Autocast outputs (bf16/fp16) to fp32 for the losses; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm1d on (N, C, L) (or (N, C)) with statistics over the GLOBAL batch under DDP.
+
+    A synchronised BN (the official DDP path converts to SyncBN) that also works with gloo on CPU: the
+    per-rank sums travel through gather_with_grad, so N processes compute the one-process result and
+    gradients (with one process this is plain `bn`)."""
+    if not (bn.training and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return bn(x)
+    xf = _fp32(x)
+    dims = [0] + list(range(2, xf.dim()))
+    count = xf.numel() // xf.shape[1] * dist.get_world_size()
+    mean = common.gather_with_grad(xf.sum(dims)[None]).sum(0) / count
+    shape = [1, -1] + [1] * (xf.dim() - 2)
+    centred = xf - mean.view(shape)
+    var = common.gather_with_grad((centred * centred).sum(dims)[None]).sum(0) / count
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        bn.running_mean.lerp_(mean.detach(), bn.momentum)
+        bn.running_var.lerp_(var.detach() * count / max(count - 1, 1), bn.momentum)
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    return y * bn.weight.view(shape) + bn.bias.view(shape)
+
+
+class Encoder(nn.Module):
+    """PCM3's BIGRU: input BatchNorm1d(150) -> forward-in-time 3-layer GRU -> fc MLP head.
+
+    forward(x): (N, C, T, V, M) -> (N, 2H) last-step GRU output (the linear-eval / kNN feature);
+    dense(x): (N, T, 2H) all steps; project(feat) -> (N, feat_dim) head output (pre-normalisation)."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        in_dim = 3 * args.joints * args.bodies
+        self.hidden = args.hidden
+        self.input_norm = nn.BatchNorm1d(in_dim)
+        self.encoder = nn.GRU(in_dim, args.hidden, args.layers, batch_first=True, bidirectional=True)
+        for p in self.encoder.parameters():
+            if p.dim() == 2:  # official: xavier_uniform on every 2-D GRU weight, biases default
+                nn.init.xavier_uniform_(p)
+        d = 2 * args.hidden
+        # MoCo v2 --mlp head (PyTorch default init; it replaces the xavier-initialised fc).
+        self.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, args.feat_dim))
+        self.out_dim = self.dense_dim = d
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, V, M) -> (N, T, V*C*M), feature index v*C*M + c*M + m (official permute)."""
+        n, c, t, v, m = x.shape
+        return x.permute(0, 2, 3, 1, 4).reshape(n, t, v * c * m)
+
+    def sequence(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, T, V, M) (+ input prompt (1, 1, V*C*M)) -> (N, T, 2H) GRU outputs."""
+        h = self.flatten(x)
+        if prompt is not None:
+            h = h + prompt
+        h = batch_norm(self.input_norm, h.transpose(1, 2)).transpose(1, 2)   # stats over N and T
+        return forward_in_time_gru(self.encoder, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequence(x)[:, -1]
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequence(x)
+
+    def project(self, feat: torch.Tensor, prompt: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Official prompt hook: prompt (1, P) -> first half added to feat[..., s:s+P/2], second half to
+        feat[..., H+s:H+s+P/2] (s = offset, a 0-dim long tensor), then the fc head."""
+        if prompt is not None:
+            feat = feat + feature_prompt(prompt, offset, feat)
+        return self.fc(feat)
+
+
+def feature_prompt(prompt: torch.Tensor, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """(1, P) prompt placed in a (2H,) vector: halves at [s, s+P/2) and [H+s, H+s+P/2), s = offset
+    (0-dim long tensor, no host sync and no recompilation per value); H = feat.shape[-1] / 2."""
+    half, hid = prompt.shape[1] // 2, feat.shape[-1] // 2
+    idx = torch.arange(half, device=feat.device) + offset
+    idx = torch.cat([idx, idx + hid])
+    return feat.new_zeros(2 * hid).index_add(0, idx, prompt[0].to(feat.dtype))
+
+
+def _prompt(*shape: int) -> nn.Parameter:
+    p = torch.empty(*shape)
+    nn.init.xavier_uniform_(p)  # (1,1,150): bound sqrt(6/300); (1,256): bound sqrt(6/257), as official
+    return nn.Parameter(p)
+
+
+class Model(nn.Module):
+    """The whole pre-training module: query/key encoders, queue, prompts, masked-motion decoder."""
+
+    PROMPTS = ("base_prompt", "mask_prompt", "recons_prompt", "mix_prompt")
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        in_dim = 3 * args.joints * args.bodies
+        self.encoder_q = Encoder(args)
+        self.encoder_k = Encoder(args)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        self.encoder_k.requires_grad_(False)
+        if args.prompt:
+            for name in self.PROMPTS:
+                setattr(self, name, _prompt(1, 1, in_dim))
+            self.cl_prompt = _prompt(1, args.prompt_dim)
+            self.mp_prompt = _prompt(1, args.prompt_dim)
+        d = 2 * args.hidden
+        self.linear = nn.Sequential(nn.Linear(d, args.dec_dim), nn.BatchNorm1d(args.dec_dim), nn.ReLU(),
+                                    nn.Linear(args.dec_dim, args.dec_dim))
+        self.decoder = nn.GRU(args.dec_dim, args.dec_dim, args.dec_layers, batch_first=True)
+        self.decoder_out = nn.Linear(args.dec_dim, in_dim)
+        self.register_buffer("queue", F.normalize(torch.randn(args.feat_dim, args.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.encoder_q
+
+    def p(self, name: str) -> torch.Tensor | None:
+        return getattr(self, name) if self.args.prompt else None
+
+    def decode(self, seq: torch.Tensor, shape) -> torch.Tensor:
+        """(N, T, 2H) -> reconstruction (N, C, T, V, M): per-step MLP, GRU decoder, Linear to V*C*M."""
+        n, t, d = seq.shape
+        lin = self.linear
+        h = lin[0](seq.reshape(n * t, d))
+        h = lin[3](F.relu(batch_norm(lin[1], h))).view(n, t, -1)   # BN statistics over N*T steps
+        out = self.decoder_out(self.decoder(h)[0])                  # (N, T, V*C*M)
+        _, c, _, v, m = shape
+        return out.view(n, t, v, c, m).permute(0, 3, 1, 2, 4)
+
+    def embed(self, enc: Encoder, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return F.normalize(_fp32(enc.project(feat, self.p("cl_prompt"), offset)), dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self):
+        m = self.args.momentum
+        for pk, pq in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
+            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+
+    def forward(self, b: dict, post_distill: bool = False) -> dict:
+        """b: the local batch of views (make_views + add_batch_params). Returns fp32 loss terms."""
+        a, enc, off = self.args, self.encoder_q, b["offsets"]
+        mask, v3 = b["mask"], b["v3"]
+        v3m = v3 * mask                                                     # (N, C, T, V, M)
+        q = self.embed(enc, enc.sequence(b["v1"], self.p("base_prompt"))[:, -1], off[0])
+        seq = enc.sequence(v3m, self.p("mask_prompt"))                       # (N, T, 2H)
+        if a.prompt:
+            seq_mp = seq + feature_prompt(self.mp_prompt, off[1], seq)      # mp_prompt at every step
+            recons = self.decode(seq_mp, v3.shape)                          # MSE path: encoder+decoder
+            recons_cl = self.decode(seq_mp.detach(), v3.shape)              # contrastive path: decoder
+            mask_q = self.embed(enc, seq[:, -1], off[2])
+        else:  # PCM3_woprompt: one decoder pass, the predicted view is detached
+            recons = self.decode(seq, v3.shape)
+            recons_cl = recons.detach()
+            mask_q = F.normalize(_fp32(enc.project(seq[:, -1])), dim=1)
+        pred = recons_cl * (1 - mask) + v3m * mask                          # predicted view R
+        recons_q = self.embed(enc, enc.sequence(pred, self.p("recons_prompt"))[:, -1], off[3])
+        mix_q = self.embed(enc, enc.sequence(b["x_mix"], self.p("mix_prompt"))[:, -1], off[4])
+        clip_q = self.embed(enc, enc.sequence(b["clip"], self.p("base_prompt"))[:, -1], off[5])
+        with torch.no_grad():
+            self.momentum_update()
+            k = self.embed(self.encoder_k,
+                           self.encoder_k.sequence(b["v2"], self.p("base_prompt"))[:, -1], off[6])
+            k_all = common.gather_nograd(k)                                  # (N_global, D)
+            lam = b["lam"].to(k.dtype)[:, None]
+            k_mix = F.normalize((1 - lam) * k + lam * k_all[b["partner"]], dim=1)
+        with torch.autocast(v3.device.type, enabled=False):   # losses in fp32
+            terms = pcm3_losses({"base": (q, k), "mix": (mix_q, k_mix), "mask": (mask_q, k),
+                                 "recons": (recons_q, k), "clip": (clip_q, k)}, self.queue.clone(), a)
+            # Official: sum over masked coordinates / their count (body 1; target = the unmasked v3).
+            # The mask is one pattern for the whole global batch: the local ratio is the global one.
+            terms["rec"] = ((_fp32(recons) - v3) ** 2 * (1 - mask)).sum() / (1 - mask).sum()
+            terms["loss"] = total_loss(terms, a, post_distill)
+        self.enqueue(k_all)
+        return terms
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor):
+        k, ptr = self.queue.shape[1], self.queue_ptr
+        idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k   # wraps if K % B != 0
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        ptr.copy_((ptr + keys.shape[0]) % k)
+
+
+# ------------------------------------------------------------------------------------------ loss
+PAIRS = ("base", "mix", "mask", "recons", "clip")
+
+
+def info_nce(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, temp: float) -> torch.Tensor:
+    """MoCo InfoNCE: logits [s.t | s.queue] / temp, target index 0. s, t (N, D) unit; queue (D, K)."""
+    logits = torch.cat([(s * t).sum(1, keepdim=True), s @ queue], dim=1) / temp
+    return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long, device=s.device))
+
+
+def distill(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, t_temp: float,
+            s_temp: float) -> torch.Tensor:
+    """CMD-style: KL(softmax(t.queue / t_temp) || softmax(s.queue / s_temp)), batchmean, whole queue."""
+    target = F.softmax(t @ queue / t_temp, dim=1)
+    return F.kl_div(F.log_softmax(s @ queue / s_temp, dim=1), target, reduction="batchmean")
+
+
+def pcm3_losses(pairs: dict, queue: torch.Tensor, a: Args) -> dict:
+    terms = {}
+    for name, (s, t) in pairs.items():
+        terms[f"nce_{name}"] = info_nce(s, t, queue, a.temperature)
+        terms[f"kd_{name}"] = distill(s, t, queue, a.teacher_temp, a.student_temp)
+    return terms
+
+
+def total_loss(terms: dict, a: Args, post_distill: bool) -> torch.Tensor:
+    """Stage one (PCM3 + clip, weight 1 each): base + mix + mask + recons + clip InfoNCE, + the five
+    distillation terms (only with prompts: PCM3_woprompt computes them but does not add them),
+    + rec_weight * MSE. Post-distillation (PCM3++ Eq. 10, our reading): every InfoNCE term dropped;
+    the five distillation terms and the reconstruction kept."""
+    kd = sum(terms[f"kd_{n}"] for n in PAIRS)
+    rec = a.rec_weight * terms["rec"]
+    if post_distill:
+        return kd + rec
+    nce = sum(terms[f"nce_{n}"] for n in PAIRS)
+    return nce + (kd if a.prompt else 0.0) + rec
+
+
+# ----------------------------------------------------------------------------------------- views
+def clip_window(n: int, t: int, lo: int, hi: int, g: torch.Generator, device) -> torch.Tensor:
+    """PCM3++ clip as a mask ("we just mask for efficiency"): per sample a window of L ~ U{lo..hi}
+    frames starting at s ~ U{0..t-L}; (N, 1, T, 1, 1) float, 1 inside the window."""
+    length = torch.randint(lo, hi + 1, (n, 1), generator=g, device=device)
+    start = (torch.rand(n, 1, generator=g, device=device) * (t - length + 1)).floor().long()
+    frames = torch.arange(t, device=device)[None]
+    return ((frames >= start) & (frames < start + length)).float().view(n, 1, t, 1, 1)
+
+
+def make_views(x: torch.Tensor, num_frame: torch.Tensor, a: Args, g: torch.Generator) -> dict:
+    """Per-sample views from raw clips (N, 3, T_raw, 25, 2), all on x's device (methods.md 3A.1):
+    v1 (query) and v2 (key): crop-resize then joint corruption or shear (p 0.5); v3 (masked view):
+    crop-resize then always shear; clip: v2 outside a random 16..32-frame window zeroed.
+    Modality conversion per view after the crop."""
+    scale = tuple(a.crop_scale)
+
+    def crop():
+        return common.crop_resize(x, num_frame, g, a.window, scale, a.window)
+
+    v1 = common.corrupt_or_shear(crop(), g)
+    v2 = common.corrupt_or_shear(crop(), g)
+    v3 = common.shear(crop(), g)
+    v1, v2, v3 = (common.to_modality(v, a.modality) for v in (v1, v2, v3))
+    lo, hi = a.clip_len
+    clip = v2 * clip_window(len(x), a.window, lo, hi, g, x.device)
+    return {"v1": v1, "v2": v2, "v3": v3, "clip": clip}
+
+
+def add_batch_params(views: dict, a: Args, g_shared: torch.Generator, rank: int) -> dict:
+    """Parameters the official code draws once per batch, from a generator seeded identically on every
+    rank so that N processes reproduce one process: the body-part mask, inter-sample mixing of v1 over
+    the GLOBAL batch (partner indices are global) and the seven feature-prompt offsets."""
+    v1 = views["v1"]
+    n = v1.shape[0]
+    mask = common.body_part_mask(v1.shape, g_shared, n_chunks=a.mask_chunks, n_parts=3)
+    x_mix, lam, partner = common.mix_samples(common.gather_nograd(v1), g_shared)
+    local = slice(rank * n, (rank + 1) * n)
+    offsets = torch.randint(0, a.hidden - a.prompt_dim // 2, (7,), generator=g_shared,
+                            device=v1.device)   # official randint[0, 895] for H 1024, P 256
+    return {**views, "mask": mask, "x_mix": x_mix[local], "lam": lam[local],
+            "partner": partner[local], "offsets": offsets}
+
+
+# ------------------------------------------------------------------------------------------ main
+def _check(a: Args):
+    if a.prompt_dim // 2 >= a.hidden or a.prompt_dim < 2:
+        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be in [2, 2 * --hidden)")
+    lo, hi = a.clip_len if len(a.clip_len) == 2 else (0, 0)
+    if not 1 <= lo <= hi <= a.window:
+        raise common.UserError(f"--clip_len {a.clip_len}: expected MIN MAX with 1 <= MIN <= MAX <= "
+                               f"--window {a.window}")
+    if a.window % a.mask_chunks or a.window % 4 or a.window < 44:
+        raise common.UserError(f"--window {a.window}: must be >= 44 (mixing swaps up to 11 units of 4 "
+                               f"frames), a multiple of 4 and of --mask_chunks {a.mask_chunks}")
+    if a.batch_size < 3:
+        raise common.UserError("--batch_size must be at least 3 (the mixing partner shift is 1..N-2)")
+
+
+def _epoch_seed(a: Args, epoch: int, rank: int) -> int:
+    return (a.seed * 1_000_003 + epoch) * 1009 + rank
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, quick=QUICK)
+    _check(args)
+    d = common.setup_distributed(args.device)
+    try:
+        train(args, d)
+    finally:
+        common.cleanup_distributed()
+
+
+def _load_into(model: Model, state: dict, path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise common.UserError(f"{path}: does not match this model configuration "
+                               f"({str(e).splitlines()[0]})") from None
+
+
+def train(args: Args, d):
+    device = d.device
+    warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+    out_dir = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
+    log = common.RunLogger(out_dir, d.is_main)
+    if d.ddp and not d.is_main:
+        dist.barrier()  # rank 0 generates the synthetic data first if it is missing
+    split = common.load_split(args.data_dir, args.dataset, args.split, "train")
+    if d.ddp and d.is_main:
+        dist.barrier()
+    loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
+                                rank=d.rank, world_size=d.world_size, device=device,
+                                on_device=args.data_on_device, with_labels=False,
+                                num_workers=args.num_workers)
+
+    common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
+    model = Model(args).to(device)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                          momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+    scaler = common.make_scaler(device, args.dtype)
+    g, g_shared = torch.Generator(device), torch.Generator(device)
+    start_epoch, step, metrics = 0, 0, {}
+    final_lr = common.step_lr(args.lr, args.epochs - 1, args.lr_steps)
+    ckpt_path = out_dir / "last.pt"
+    if args.post_distill_from:
+        # Only post-distillation: the stage-one checkpoint fixes where it starts and its lr.
+        src = common.load_checkpoint(args.post_distill_from, METHOD)
+        args.epochs = src["epoch"]
+        final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
+        if not args.resume:  # continue stage one's model, queue and SGD state (momentum buffers)
+            _load_into(model, src["model"], args.post_distill_from)
+            opt.load_state_dict(src["optimizer"])
+            scaler.load_state_dict(src["scaler"])
+            start_epoch, step = src["epoch"], src["step"]
+            log.info(f"post-distillation from {args.post_distill_from} (epoch {src['epoch']}, "
+                     f"lr {final_lr:.4g})")
+    if args.resume:
+        ck = common.load_checkpoint(ckpt_path, METHOD)
+        _load_into(model, ck["model"], ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
+        common.set_rng_state(ck["rng"], g, g_shared)
+        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    common.broadcast_module(model)
+    net = model
+    if d.ddp:  # queue and BN statistics are identical on every rank: no buffer broadcast needed
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    if args.compile:
+        net = torch.compile(net)
+    total = args.epochs + args.post_distill_epochs
+    if d.is_main:
+        common.save_json(common.args_to_dict(args), out_dir / "args.json")
+        log.info(f"pcm3pp: {common.count_params(model):,} parameters (encoder "
+                 f"{common.count_params(model.encoder):,}, GRU "
+                 f"{common.count_params(model.encoder.encoder):,}), {len(split)} clips, "
+                 f"{len(loader)} steps/epoch, {d.world_size} process(es) on {device}")
+
+    steps_left = (total - start_epoch) * len(loader)
+    t_start, done = time.time(), 0
+    bar = tqdm(range(start_epoch, total), initial=start_epoch, total=total, desc=METHOD,
+               disable=not d.is_main)
+    names = ["loss", "rec"] + [f"nce_{n}" for n in PAIRS] + [f"kd_{n}" for n in PAIRS]
+    for epoch in bar:
+        post = epoch >= args.epochs
+        lr = final_lr if post else common.step_lr(args.lr, epoch, args.lr_steps)
+        common.set_lr(opt, lr)
+        loader.set_epoch(epoch)
+        g.manual_seed(_epoch_seed(args, epoch, d.rank))      # per-rank augmentation
+        g_shared.manual_seed(_epoch_seed(args, epoch, 0))     # per-batch draws shared by all ranks
+        net.train()
+        sums, n, t_log = torch.zeros(len(names), device=device), 0, time.time()
+        for x, num_frame, _ in loader:
+            with torch.no_grad():
+                b = add_batch_params(make_views(x, num_frame, args, g), args, g_shared, d.rank)
+            with common.autocast(device, args.dtype):
+                terms = net(b, post)
+            loss = terms["loss"]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step, n, done = step + 1, n + 1, done + 1
+            sums += torch.stack([terms[k].detach() for k in names])
+            if step % args.log_every == 0:
+                if not torch.isfinite(loss):
+                    raise common.UserError(f"loss is {loss.item()} at step {step}: lower --lr or "
+                                           f"use --dtype fp32")
+                now = time.time()
+                rate = args.batch_size * args.log_every / max(now - t_log, 1e-9)
+                eta = (now - t_start) / done * (steps_left - done)
+                log.log(step, round(epoch + n / len(loader), 3),
+                        **{k: terms[k].item() for k in names}, lr=lr, stage=2 if post else 1,
+                        samples_per_s=round(rate, 1), eta=common.format_eta(eta))
+                t_log = now
+        metrics = dict(zip(names, (sums / max(n, 1)).tolist()), lr=lr)
+        log.log(step, epoch + 1, **{f"epoch_{k}": v for k, v in metrics.items()})
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        last = epoch + 1 in (args.epochs, total)
+        if d.is_main and ((epoch + 1) % args.save_every == 0 or last):
+            common.save_checkpoint({
+                "method": METHOD, "args": common.args_to_dict(args),
+                "encoder": model.encoder.state_dict(), "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                "step": step, "rng": common.rng_state(g, g_shared), "dataset": args.dataset,
+                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}, ckpt_path)
+    bar.close()
+    log.info(f"done: {ckpt_path}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,420 @@
+"""evaluate.py: detection metrics against hand-worked cases, subset / episode / mask sampling, the
+pre-normalisation, and every task end to end on tiny synthetic data for every method's checkpoint."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import data_prep
+import evaluate as ev
+
+
+# ------------------------------------------------------------------------------ detection metrics
+def P(label, s, e, conf=1.0, video="v"):
+    return (label, s, e, conf, video)
+
+
+def test_official_tiou_is_continuous_and_signed():
+    assert ev.official_tiou(P(1, 0, 10), P(1, 5, 15)) == pytest.approx(5 / 15)
+    assert ev.official_tiou(P(1, 0, 10), P(1, 20, 30)) == pytest.approx(-10 / 30)  # disjoint: < 0
+    assert ev.official_tiou(P(1, 0, 10), P(2, 0, 10)) == 0.0                       # other label
+    assert ev.official_tiou(P(1, 0, 10), P(1, 0, 10, video="w")) == 0.0             # other video
+    assert ev.official_tiou(P(1, 3, 3), P(1, 3, 3)) == 0.0                          # official: 0/0
+
+
+def test_voc_iou_uses_inclusive_frames():
+    assert ev.voc_iou(P(1, 0, 10), P(1, 5, 15)) == pytest.approx(6 / 16)  # inter 10-5+1, lens 11
+    assert ev.voc_iou(P(1, 0, 10), P(1, 10, 20)) == pytest.approx(1 / 21)  # touching: 1 frame
+    assert ev.voc_iou(P(1, 0, 10), P(1, 12, 20)) == 0.0
+
+
+# GT g0 [0,10), g1 [20,30); p1 hits g0 (conf .9), p2 hits nothing (.8), p3 hits g1 (.7).
+GT2 = [P(1, 0, 10), P(1, 20, 30)]
+PROPS3 = [P(1, 0, 10, 0.9), P(1, 40, 50, 0.8), P(1, 20, 30, 0.7)]
+
+
+def test_official_ap_ascending_sweep_skips_precision_after_unmatched_removal():
+    # Ascending sweep: start {p1,p2,p3}: P=2/3, R=1, old_p=2/3.
+    # drop p3 (hit g1): {p1,p2} P=1/2 R=1/2 -> old_p stays 2/3, area += 2/3 * 1/2.
+    # drop p2 (unmatched): only the proposal count changes, precision NOT re-evaluated.
+    # drop p1: empty set -> (0, 0), area += 2/3 * 1/2.  Total 2/3 (VOC would give 5/6).
+    assert ev.official_ap(PROPS3, GT2, 0.5) == pytest.approx(2 / 3)
+    # VOC: TP, FP, TP -> precision 1, 1/2, 2/3 -> monotone 1, 2/3, 2/3 -> 1/2 * 1 + 1/2 * 2/3.
+    m, aps = ev.voc_map(PROPS3, GT2, 0.5)
+    assert m == pytest.approx(5 / 6) and aps == {1: pytest.approx(5 / 6)}
+
+
+def test_official_matching_is_not_exclusive():
+    # g0 [0,10), g1 [5,15) overlap. p1 = g0 exactly; p2 [1,11) has tIoU 9/11 with g0 and 6/14 with
+    # g1: official assigns p2 to g0 as well (g1 never hit); VOC gives p2 to the free g1.
+    gts = [P(1, 0, 10), P(1, 5, 15)]
+    props = [P(1, 0, 10, 0.9), P(1, 1, 11, 0.8)]
+    assign, count, pos = ev.official_match(sorted(props, key=lambda p: p[3]), gts, 0.3)
+    assert assign == [0, 0] and count == [2, 0] and pos == 1
+    # sweep: {p1,p2} P=1/2 R=1/2; drop p2: g0 still hit, P=1 R=1/2 (+0); drop p1: +1 * 1/2.
+    assert ev.official_ap(props, gts, 0.3) == pytest.approx(0.5)
+    assert ev.voc_map(props, gts, 0.3)[0] == pytest.approx(1.0)
+    # duplicates are false positives for VOC: the same proposal twice halves the precision step
+    dup = [P(1, 0, 10, 0.9), P(1, 0, 10, 0.8)]
+    assert ev.voc_map(dup, [P(1, 0, 10)], 0.5)[0] == pytest.approx(1.0)
+    assert ev.official_ap(dup, [P(1, 0, 10)], 0.5) == pytest.approx(1.0)
+
+
+def test_official_ap_tie_goes_to_later_gt_and_theta_is_inclusive():
+    gts = [P(1, 0, 10), P(1, 0, 10)]
+    assign, count, _ = ev.official_match([P(1, 0, 10, 0.5)], gts, 1.0)  # tIoU == theta counts
+    assert assign == [1] and count == [0, 1]
+
+
+def test_official_map_divides_by_all_classes_and_counts_videos_without_proposals():
+    gts = [P(1, 0, 10, video="a"), P(2, 0, 10, video="b")]
+    props = [P(1, 0, 10, 0.9, video="a")]  # video b has ground truth but no proposal
+    o = ev.official_metrics(props, gts, ["a", "b", "c"], num_classes=3, theta=0.5)
+    assert o["mAP_action"] == pytest.approx(1 / 3)   # class 1: AP 1; classes 2, 3: 0; divisor 3
+    assert o["mAP_video"] == pytest.approx(1 / 3)    # a: 1, b: 0, c (nothing at all): 0
+    assert o["ap_pooled"] == pytest.approx(0.5)      # one proposal, recall 1/2 at precision 1
+    assert o["f1"] == pytest.approx(2 * 1 * 0.5 / 1.5)
+    # VOC mAP_a: mean over the classes present in the ground truth only (1 and 2)
+    assert ev.voc_map(props, gts, 0.5)[0] == pytest.approx(0.5)
+    m = ev.detection_metrics(props, gts, ["a", "b", "c"], 3, [0.1, 0.5])
+    assert m["official_mAP_action@0.5"] == pytest.approx(100 / 3)
+    assert m["voc_mAP_a@0.1"] == pytest.approx(50.0) and "official_2DAP" in m
+
+
+def test_get_segments_smoothing_threshold_and_last_frame_quirk():
+    prob = np.zeros((10, 3))
+    prob[:, 0] = 1.0
+    prob[3:6] = [0.0, 1.0, 0.0]  # class 1 on frames 3, 4, 5
+    # half width 2: frame t averages [max(t-2, 0), min(t+2, 9)) -> foreground
+    # t=2: 1/4, t=3: 2/4, t=4: 3/4, t=5: 3/4, t=6: 2/4, t=7: 1/4 -> active (>= 0.4) frames 3..6
+    sm = ev.smooth_probs(prob, 2)
+    assert sm[:, 1] == pytest.approx([0, 0, .25, .5, .75, .75, .5, .25, 0, 0])
+    assert ev.get_segments(prob, 2, 0.4) == [(1, 3, 7, pytest.approx(0.625))]
+    assert ev.get_segments(prob, 2, 0.55) == [(1, 4, 6, pytest.approx(0.75))]
+    last = np.zeros((10, 3))
+    last[:, 0] = 1.0
+    last[9] = [0.0, 0.0, 1.0]  # only the last frame: it never enters any window
+    assert ev.get_segments(last, 2, 0.1) == []
+    # two classes in one run: the class with the larger mean wins, confidence = its mean
+    mix = np.zeros((6, 3))
+    mix[:, :] = [0.0, 0.7, 0.3]
+    segs = ev.get_segments(mix, 1, 0.4)
+    assert segs == [(1, 0, 6, pytest.approx(0.7))]
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_semi_subsets_sizes_and_determinism():
+    labels = np.zeros(40091, np.int64)  # NTU-60 xsub train size
+    assert len(ev.select_subset(labels, 0.01, 0, False)) == 400
+    assert len(ev.select_subset(labels, 0.1, 0, False)) == 4009
+    labels = np.repeat(np.arange(5), [10, 20, 30, 3, 40])
+    a, b = ev.select_subset(labels, 0.1, 7, False), ev.select_subset(labels, 0.1, 7, False)
+    assert np.array_equal(a, b) and not np.array_equal(a, ev.select_subset(labels, 0.1, 8, False))
+    assert np.all(np.diff(a) > 0)
+    bal = ev.select_subset(labels, 0.1, 0, True)
+    counts = np.bincount(labels[bal], minlength=5)
+    assert counts.tolist() == [1, 2, 3, 1, 4]  # round(0.1 n_c), at least 1
+    assert np.array_equal(bal, ev.select_subset(labels, 0.1, 0, True))
+
+
+def test_fewshot_episodes():
+    labels = np.repeat(np.arange(12), 25)
+    novel = [2, 3, 5, 7, 8, 9, 11]
+    cls, sup, qry = ev.sample_episodes(labels, novel, 5, 5, 15, 40, seed=3)
+    assert cls.shape == (40, 5) and sup.shape == (40, 5, 5) and qry.shape == (40, 5, 15)
+    for e in range(40):
+        assert len(set(cls[e])) == 5 and set(cls[e]) <= set(novel)
+        for w in range(5):
+            assert np.all(labels[sup[e, w]] == cls[e, w]) and np.all(labels[qry[e, w]] == cls[e, w])
+            assert len(set(sup[e, w]) | set(qry[e, w])) == 20  # without replacement
+    again = ev.sample_episodes(labels, novel, 5, 5, 15, 40, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip((cls, sup, qry), again))
+    with pytest.raises(ev.UserError):
+        ev.sample_episodes(labels, novel[:4], 5, 5, 15, 10, seed=0)
+
+
+def test_fewshot_classifier_batched_equals_single_and_is_accurate():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=g) * 3
+    ys = torch.arange(5).repeat_interleave(2)[None].expand(3, -1)
+    xs = centers[ys] + 0.3 * torch.randn(3, 10, 16, generator=g)
+    yq = torch.arange(5).repeat_interleave(4)[None].expand(3, -1)
+    xq = centers[yq] + 0.3 * torch.randn(3, 20, 16, generator=g)
+    xs, xq = torch.nn.functional.normalize(xs, dim=-1), torch.nn.functional.normalize(xq, dim=-1)
+    logits = ev.logistic_regression_episodes(xs, ys, xq)
+    assert (logits.argmax(-1) == yq).float().mean() > 0.95
+    single = ev.logistic_regression_episodes(xs[1:2], ys[1:2], xq[1:2])
+    assert torch.allclose(single, logits[1:2], atol=1e-4)
+    # the Gram-matrix solution equals the primal one (sklearn's objective, W in R^{D x way})
+    noisy = xs + 0.5 * torch.randn(xs.shape, generator=g)
+    W = torch.zeros(3, 16, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, 1, 5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy((noisy.double() @ W + b).reshape(-1, 5),
+                                                 ys.reshape(-1), reduction="sum") + 0.5 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    xq2 = xq + 0.5 * torch.randn(xq.shape, generator=g)
+    assert torch.allclose(ev.logistic_regression_episodes(noisy, ys, xq2),
+                          xq2.double() @ W + b, atol=1e-4)
+    feats = torch.cat([xs.reshape(-1, 16), xq.reshape(-1, 16)])
+    m = ev.fewshot_eval(feats, _episodes_for(3), [1, 2], 1.0, True)
+    assert set(m) == {"5way_1shot_acc", "5way_1shot_ci95", "5way_2shot_acc", "5way_2shot_ci95"}
+
+
+def _episodes_for(E):
+    # support = the first 30 rows (episode-major, way, 2 shots), queries after
+    sup = np.arange(30).reshape(3, 5, 2)[:E]
+    qry = (30 + np.arange(60)).reshape(3, 5, 4)[:E]
+    return np.zeros((E, 5), np.int64), sup, qry
+
+
+def test_occlusion_masks_fixed_and_in_range():
+    nf = np.array([40, 64, 100, 120] * 25)
+    m = ev.occlusion_masks(nf, seed=0)
+    m2 = ev.occlusion_masks(nf, seed=0)
+    assert all(np.array_equal(m[k], m2[k]) for k in m)
+    assert m["ratio"].min() >= 0.3 and m["ratio"].max() <= 0.7
+    assert set(m["parts"].sum(1)) <= {2, 3, 4}
+    assert np.all(m["t_start"] >= 0) and np.all(m["t_start"] + m["t_len"] <= nf)
+    assert np.all(np.abs(m["t_len"] / nf - m["ratio"]) <= 0.5 / nf + 1e-9)
+    x = torch.ones(4, 3, 120, 25, 2)
+    fns = ev.occluders(m, [10])
+    y = fns["frames_k10"](x, None, np.arange(4))
+    assert y[:, :, 45:55].abs().sum() == 0 and y[:, :, :45].min() == 1 and y[:, :, 55:].min() == 1
+    y = fns["part_two_hands"](x, None, np.arange(4))
+    assert y[:, :, :, [21, 22, 23, 24]].abs().sum() == 0 and y[:, :, :, :21].min() == 1
+    y = fns["random_temporal"](x, None, np.arange(4))
+    for i in range(4):
+        s, L = m["t_start"][i], m["t_len"][i]
+        assert y[i, :, s:s + L].abs().sum() == 0 and y[i].sum() == 3 * 50 * (120 - L)
+
+
+def test_prenormalize_matches_data_prep_without_padding():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 10, 25, 2, generator=g) + 2.0  # no empty frame: padding is a no-op
+    x[1, :, :, :, 1] = 0                                  # a sample without second body
+    ref = data_prep.pre_normalization(x.permute(0, 4, 2, 3, 1).numpy().copy(), z_align=True)
+    assert torch.allclose(ev.prenormalize(x), torch.from_numpy(ref).permute(0, 4, 2, 3, 1),
+                          atol=1e-5)
+    ref = data_prep.pre_normalization(x.permute(0, 4, 2, 3, 1).numpy().copy(), z_align=False)
+    assert torch.allclose(ev.prenormalize(x, z_align=False),
+                          torch.from_numpy(ref).permute(0, 4, 2, 3, 1), atol=1e-5)
+    # frames keep their positions (no compaction around an empty leading frame)
+    x[0, :, 0] = 0
+    y = ev.prenormalize(x)
+    assert y[0, :, 0].abs().sum() == 0 and y[0, :, 1:].abs().sum() > 0
+
+
+def test_prenormalize_is_rotation_invariant_for_an_upright_skeleton():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 8, 25, 2, generator=g)
+    x[:, :, 0, 0, 0] = torch.tensor([0.0, -0.3, 0.0])   # spine base below spine mid ...
+    x[:, :, 0, 1, 0] = torch.tensor([0.0, 0.0, 0.0])
+    x[:, :, 0, 4, 0] = torch.tensor([0.0, 0.2, 0.2])    # ... shoulders perpendicular to the spine
+    x[:, :, 0, 8, 0] = torch.tensor([0.0, 0.2, -0.2])
+    x = x + torch.tensor([0.3, 0.1, 3.0]).view(1, 3, 1, 1, 1)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    q = q * torch.sign(torch.det(q))
+    a = ev.prenormalize(x)
+    b = ev.prenormalize(torch.einsum("ij,njtvm->nitvm", q, x))
+    assert torch.allclose(a, b, atol=1e-4)
+    assert a[:, :, :, 1, 0].abs().max() < 1e-5                      # spine mid at the origin
+    spine = a[0, :, 0, 1, 0] - a[0, :, 0, 0, 0]
+    assert torch.allclose(spine / spine.norm(), torch.tensor([0.0, 0.0, 1.0]), atol=1e-5)
+    sh = a[0, :, 0, 8, 0] - a[0, :, 0, 4, 0]
+    assert torch.allclose(sh / sh.norm(), torch.tensor([1.0, 0.0, 0.0]), atol=1e-5)
+
+
+def test_knn_exact_on_toy_features():
+    ftr = torch.tensor([[1.0, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]])
+    ytr = torch.tensor([0, 1, 0, 1])
+    fte = torch.tensor([[2.0, 0.1], [0.2, 3]])
+    m = ev.knn_eval(ftr, ytr, fte, torch.tensor([0, 1]), [1, 3], 0.07, 2)
+    assert m == {"k1_top1": 100.0, "k3_weighted_top1": 100.0}
+    m = ev.knn_eval(ftr, ytr, fte, torch.tensor([1, 1]), [1], 0.07, 2)
+    assert m == {"k1_top1": 50.0}
+
+
+# ------------------------------------------------------------------------------ end to end
+ROOT = Path(__file__).resolve().parents[1]
+# The smallest configs of the four trainers (1 epoch), as in their own tests.
+TRAIN = {
+    "usdrl": ["--hidden", "16", "--proj_dim", "32", "--proj_inst_dim", "48", "--window", "16",
+              "--batch_size", "8"],
+    "scd_net": ["--gcn_channels", "8", "16", "8", "--hidden", "32", "--heads", "2", "--ffn", "32",
+                "--window", "16", "--cubes", "4", "--masked_cubes", "2", "--queue_size", "24",
+                "--proj_dim", "16", "--batch_size", "8", "--lr_steps", "1"],
+    "mcc": ["--base_width", "4", "--clip_len", "8", "--batch_size", "4", "--queue_size", "16",
+            "--proj_dim", "8", "--window", "16", "--lr_steps", "1", "--no_data_on_device"],
+    "pcm3pp": ["--hidden", "16", "--prompt_dim", "8", "--dec_dim", "16", "--queue_size", "100",
+               "--batch_size", "60", "--lr_steps", "5", "--post_distill_epochs", "0"],
+}
+METHODS = [m for m in TRAIN if (ROOT / f"{m}.py").exists()]
+TASKS = ["linear", "knn", "semi", "finetune", "transfer", "detection", "fewshot", "occlusion"]
+EVAL = ["--epochs", "1", "--batch_size", "32", "--eval_batch", "64",
+        "--seeds", "0", "1", "--ratios", "0.1", "--ratio", "0.05", "--shots", "1", "2",
+        "--n_query", "2", "--episodes", "20", "--det_windows", "2", "--occ_k", "20"]
+# Each method also exercises one option of its own.
+EXTRA = {"usdrl": ["--finetune"], "scd_net": ["--balanced"], "mcc": ["--baseline", "random"],
+         "pcm3pp": ["--no_cache"]}
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _parallel(cmds, timeout=600):
+    """Run `python <args>` commands concurrently (the CI machine has 2 cores); -> CompletedProcess."""
+    procs = [subprocess.Popen([sys.executable, *map(str, c)], cwd=ROOT, env=_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+    out = []
+    for c, p in zip(cmds, procs):
+        so, se = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(c, p.returncode, so, se))
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_data(tiny_data, tiny_data_ext, tmp_path_factory):
+    """One data_dir with the tiny synthetic, synthetic_ext and untrimmed sets (symlinks)."""
+    d = tmp_path_factory.mktemp("eval_data")
+    for src, name in ((tiny_data, "synthetic"), (tiny_data, "synthetic_untrimmed"),
+                      (tiny_data_ext, "synthetic_ext")):
+        (d / name).symlink_to(Path(src) / name)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def ckpts(eval_data, tmp_path_factory):
+    """A 1-epoch tiny checkpoint of every method file present, trained by the method's own script."""
+    out = tmp_path_factory.mktemp("ckpts")
+    cmds = [[f"{m}.py", "--dataset", "synthetic", "--data_dir", eval_data, "--epochs", "1",
+             "--out_dir", out / m, "--log_every", "100", *TRAIN[m]] for m in METHODS]
+    for c, p in zip(cmds, _parallel(cmds)):
+        assert p.returncode == 0, f"{c[0]} failed:\n{p.stderr[-3000:]}"
+    return {m: out / m / "last.pt" for m in METHODS}
+
+
+@pytest.fixture(scope="session")
+def runs(ckpts, eval_data):
+    """Every task of every method's checkpoint, one evaluate.py process per method."""
+    cmds = [["evaluate.py", "--ckpt", ckpts[m], "--task", *TASKS, "--data_dir", eval_data, *EVAL,
+             *EXTRA[m]] for m in METHODS]
+    return dict(zip(METHODS, _parallel(cmds)))
+
+
+def _records(proc):
+    return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_task_end_to_end(method, runs, ckpts, eval_data):
+    proc = runs[method]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = {r["task"]: r for r in _records(proc)}
+    assert list(recs) == TASKS
+    for r in recs.values():
+        assert r["method"] == method and r["ckpt"] == [str(ckpts[method])]
+    lin = recs["linear"]["metrics"]
+    assert 0 <= lin["top1_final"] <= 100 and lin["top1_best"] >= lin["top1_final"]
+    assert lin["top5_final"] >= lin["top1_final"] and lin["n_train"] == 120
+    assert lin["features_cached"] == (method in ("usdrl", "scd_net"))  # deterministic train crop
+    assert set(recs["knn"]["metrics"]) >= {"k1_top1", "k10_weighted_top1", "k20_weighted_top1"}
+    semi = recs["semi"]["metrics"]
+    assert len(semi["ratio_0.05"]["runs"]) == 2
+    assert semi["scheme"] == ("balanced" if method == "scd_net" else "global")
+    # global: int(120 r); balanced: round(6 r) per class, at least 1 -> 20 for both ratios
+    n = {"ratio_0.1": 12, "ratio_0.05": 6} if method != "scd_net" else \
+        {"ratio_0.1": 20, "ratio_0.05": 20}
+    assert {k: semi[k]["n_labelled"] for k in n} == n
+    subset = Path(semi["subset_dir"]) / f"synthetic_xsub_{semi['scheme']}_0.1_seed1.txt"
+    assert len(np.loadtxt(subset, dtype=int)) == n["ratio_0.1"]
+    assert recs["finetune"]["metrics"]["n_labelled"] == 120
+    assert recs["transfer"]["dataset"] == "synthetic_ext"
+    assert recs["transfer"]["metrics"]["n_labelled"] == 180
+    det = recs["detection"]["metrics"]
+    for th in (0.1, 0.3, 0.5, 0.7):
+        for k in ("official_mAP_action", "official_mAP_video", "voc_mAP_a"):
+            assert 0 <= det[f"{k}@{th:g}"] <= 100
+    assert det["head"] == ("finetune" if method == "usdrl" else "frozen_linear")
+    videos = (Path(eval_data) / "synthetic_untrimmed/xsub/val_video_name.txt").read_text().split()
+    files = sorted(Path(det["proposal_dir"]).glob("*.txt"))
+    assert [f.stem for f in files] == sorted(videos)  # one file per test video, even if empty
+    for f in files:
+        for line in f.read_text().splitlines():
+            lab, s, e, conf = line.split(",")
+            assert 1 <= int(lab) <= 20 and int(s) < int(e) and 0 <= float(conf) <= 1
+    fs = recs["fewshot"]["metrics"]
+    assert recs["fewshot"]["dataset"] == "synthetic_ext" and fs["novel_classes"] == list(range(20, 30))
+    assert {"5way_1shot_acc", "5way_2shot_acc", "5way_1shot_ci95"} <= set(fs)
+    ep = np.load(fs["episode_file"])
+    assert ep["support"].shape == (20, 5, 2) and np.all(ep["classes"] >= 20)
+    occ = recs["occlusion"]["metrics"]
+    assert {"clean_top1", "part_two_legs_top1", "frames_k20_top1", "random_spatial_top1",
+            "random_temporal_top1"} <= set(occ)
+    # the results file next to the checkpoint holds every record with its full config
+    saved = [json.loads(l) for l in (ckpts[method].parent / "results.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in saved[-len(TASKS):]] == TASKS
+    assert saved[-1]["config"]["protocol"]["epochs"] == 1
+    assert saved[-1]["config"]["encoder_args"] == torch.load(ckpts[method], weights_only=True)["args"]
+    if method == "mcc":  # --baseline random: the same protocol on a random encoder, side by side
+        for r in recs.values():
+            assert isinstance(r["pretraining_helps"], bool) and "baseline_random" in r
+        assert Path(det["proposal_dir"] + "_random").is_dir()
+
+
+def test_ensemble_and_cache_equivalence(ckpts, eval_data, tmp_path):
+    ms = METHODS[:2]
+    res = tmp_path / "r.jsonl"
+    ev.main(["--ckpt", *(str(ckpts[m]) for m in ms), "--task", "ensemble", "--data_dir",
+                   eval_data, "--epochs", "2", "--weights", "1", "0.5", "--results", str(res)])
+    rec = json.loads(res.read_text().splitlines()[-1])
+    assert [s["weight"] for s in rec["metrics"]["streams"]] == [1.0, 0.5]
+    assert 0 <= rec["metrics"]["top1"] <= 100
+    # features cached once == re-encoded every epoch (deterministic crop): identical metrics
+    base = ["--ckpt", str(ckpts[METHODS[0]]), "--task", "linear", "--data_dir", eval_data,
+            "--epochs", "3", "--eval_every", "1", "--train_crop", "center:0.9", "--results", str(res)]
+    ev.main(base)
+    ev.main(base + ["--no_cache"])
+    a, b = [json.loads(l)["metrics"] for l in res.read_text().splitlines()[-2:]]
+    assert a["features_cached"] and not b["features_cached"]
+    for k in ("top1_final", "top5_final", "top1_best", "best_epoch"):
+        assert a[k] == b[k]
+
+
+def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
+    ck = torch.load(ckpts[METHODS[0]], weights_only=True)
+    unknown = tmp_path / "unknown.pt"
+    torch.save({**ck, "method": "resnet"}, unknown)
+    with pytest.raises(common.UserError, match="unknown method 'resnet'"):
+        ev.main(["--ckpt", str(unknown)])
+    with pytest.raises(common.UserError, match="unknown task"):
+        ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--task", "lineer"])
+    with pytest.raises(common.UserError, match="only accepted with --task ensemble"):
+        ev.main(["--ckpt", str(unknown), str(unknown), "--task", "linear"])
+    with pytest.raises(common.UserError, match="NTU-RGB-D-60-AGCN"):
+        ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--dataset", "ntu60", "--data_dir",
+                       eval_data, "--results", str(tmp_path / "r.jsonl")])
+    with pytest.raises(common.UserError, match="--test_crop 'random:0.5,1'"):
+        ev.main(["--ckpt", str(unknown), "--test_crop", "random:0.5,1"])
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(unknown), "--no_such_flag"])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpts[METHODS[0]].read_bytes()[:5000])
+    p = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(truncated)], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    assert p.stderr.startswith("error: ") and "truncated" in p.stderr
