@@ -251,27 +251,10 @@ def _fp32_or_wider(t):  # bf16/fp16 -> fp32; fp32/fp64 unchanged
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the GLOBAL batch under torchrun (any backend,
-    gloo included; nn.SyncBatchNorm is CUDA-only), so N processes match one process."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        x = _fp32_or_wider(x)
-        xg = common.gather_with_grad(x)  # (B_global, D)
-        mean, var = xg.mean(0), xg.var(0, unbiased=False)
-        with torch.no_grad():
-            n = xg.shape[0]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-
-
 def _projector(d_in, d_hid, d_out):
-    return nn.Sequential(nn.Linear(d_in, d_hid), GlobalBatchNorm1d(d_hid), nn.ReLU(),
-                         nn.Linear(d_hid, d_hid), GlobalBatchNorm1d(d_hid), nn.ReLU(),
+    # BatchNorm over the GLOBAL batch under torchrun (SyncBN on any backend), so N processes match one
+    return nn.Sequential(nn.Linear(d_in, d_hid), common.GlobalBatchNorm1d(d_hid), nn.ReLU(),
+                         nn.Linear(d_hid, d_hid), common.GlobalBatchNorm1d(d_hid), nn.ReLU(),
                          nn.Linear(d_hid, d_out))
 
 
