@@ -199,30 +199,6 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm1d on (N, C, L) (or (N, C)) with statistics over the GLOBAL batch under DDP.
-
-    A synchronised BN (the official DDP path converts to SyncBN) that also works with gloo on CPU: the
-    per-rank sums travel through gather_with_grad, so N processes compute the one-process result and
-    gradients (with one process this is plain `bn`)."""
-    if not (bn.training and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1):
-        return bn(x)
-    xf = _fp32(x)
-    dims = [0] + list(range(2, xf.dim()))
-    count = xf.numel() // xf.shape[1] * dist.get_world_size()
-    mean = common.gather_with_grad(xf.sum(dims)[None]).sum(0) / count
-    shape = [1, -1] + [1] * (xf.dim() - 2)
-    centred = xf - mean.view(shape)
-    var = common.gather_with_grad((centred * centred).sum(dims)[None]).sum(0) / count
-    with torch.no_grad():
-        bn.num_batches_tracked += 1
-        bn.running_mean.lerp_(mean.detach(), bn.momentum)
-        bn.running_var.lerp_(var.detach() * count / max(count - 1, 1), bn.momentum)
-    y = centred * torch.rsqrt(var + bn.eps).view(shape)
-    return y * bn.weight.view(shape) + bn.bias.view(shape)
-
-
 class Encoder(nn.Module):
     """PCM3's BIGRU: input BatchNorm1d(150) -> forward-in-time 3-layer GRU -> fc MLP head.
 
@@ -233,7 +209,8 @@ class Encoder(nn.Module):
         super().__init__()
         in_dim = 3 * args.joints * args.bodies
         self.hidden = args.hidden
-        self.input_norm = nn.BatchNorm1d(in_dim)
+        # global-batch statistics under DDP (SyncBN, the official DDP path, on any backend)
+        self.input_norm = common.GlobalBatchNorm1d(in_dim)
         self.encoder = nn.GRU(in_dim, args.hidden, args.layers, batch_first=True, bidirectional=True)
         for p in self.encoder.parameters():
             if p.dim() == 2:  # official: xavier_uniform on every 2-D GRU weight, biases default
@@ -254,7 +231,7 @@ class Encoder(nn.Module):
         h = self.flatten(x)
         if prompt is not None:
             h = h + prompt
-        h = batch_norm(self.input_norm, h.transpose(1, 2)).transpose(1, 2)   # stats over N and T
+        h = self.input_norm(h.transpose(1, 2)).transpose(1, 2)   # stats over N and T
         return forward_in_time_gru(self.encoder, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +283,8 @@ class Model(nn.Module):
             self.cl_prompt = _prompt(1, args.prompt_dim)
             self.mp_prompt = _prompt(1, args.prompt_dim)
         d = 2 * args.hidden
-        self.linear = nn.Sequential(nn.Linear(d, args.dec_dim), nn.BatchNorm1d(args.dec_dim), nn.ReLU(),
+        self.linear = nn.Sequential(nn.Linear(d, args.dec_dim), common.GlobalBatchNorm1d(args.dec_dim),
+                                    nn.ReLU(),
                                     nn.Linear(args.dec_dim, args.dec_dim))
         self.decoder = nn.GRU(args.dec_dim, args.dec_dim, args.dec_layers, batch_first=True)
         self.decoder_out = nn.Linear(args.dec_dim, in_dim)
@@ -323,9 +301,7 @@ class Model(nn.Module):
     def decode(self, seq: torch.Tensor, shape) -> torch.Tensor:
         """(N, T, 2H) -> reconstruction (N, C, T, V, M): per-step MLP, GRU decoder, Linear to V*C*M."""
         n, t, d = seq.shape
-        lin = self.linear
-        h = lin[0](seq.reshape(n * t, d))
-        h = lin[3](F.relu(batch_norm(lin[1], h))).view(n, t, -1)   # BN statistics over N*T steps
+        h = self.linear(seq.reshape(n * t, d)).view(n, t, -1)        # BN statistics over N*T steps
         out = self.decoder_out(self.decoder(h)[0])                  # (N, T, V*C*M)
         _, c, _, v, m = shape
         return out.view(n, t, v, c, m).permute(0, 3, 1, 2, 4)
