@@ -275,6 +275,7 @@ def setup_distributed(device_name: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    _stats_group()  # created by every rank at the same point, before any training collective
     return Dist(rank, world, local, dev, rank == 0, world > 1)
 
 
@@ -394,9 +395,12 @@ class _GlobalBN:
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         n = x.numel() // x.shape[1] * _world()
-        mean = all_reduce_sum_with_grad(xf.sum(dims)) / n
+        # two passes (mean, then squared deviations) with float64 sums, as ATen's CPU kernel
+        # accumulates: E[x^2] - E[x]^2 in float32 cancels when the mean dominates the spread
+        f64 = torch.float64
+        mean = (all_reduce_sum_with_grad(xf.sum(dims, dtype=f64)) / n).to(xf.dtype)
         xc = xf - mean.view(shape)
-        var = all_reduce_sum_with_grad((xc * xc).sum(dims)) / n  # two passes, as F.batch_norm
+        var = (all_reduce_sum_with_grad((xc * xc).sum(dims, dtype=f64)) / n).to(xf.dtype)
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)

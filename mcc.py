@@ -1,0 +1,426 @@
+"""MCC: self-supervised skeleton representation learning with motion consistency and continuity.
+
+Paper: Su, Lin, Wu, "Self-supervised 3D Skeleton Action Representation Learning with Motion
+Consistency and Continuity", ICCV 2021. No official code was released; the backbone follows ST-GCN
+(yysijie/st-gcn, net/st_gcn.py), and what the paper leaves open is decided in SPEC section 5.
+
+Pretext (per sequence, all on the device): three 32-frame clips with independent random starts at
+playback speeds r in {1, 2, 4, 8} (stride r, looping past the end): base b = S(r_i), positive
+p = S(r_j) with r_j != r_i, negative n = frame-shuffled S(r_i) ("motion-broken"). Losses (weights
+1/1/1): triplet max(0, 0.15 + d(b,p) - d(b,n)); InfoNCE of b against the momentum key of p and a
+queue of 65536 keys from earlier batches (tau 0.5); and interpolation: a decoder maps the encoder
+map of b and of p to 2x as many frames, target = stride r/2 frames (r = 1: the clip twice).
+
+Downstream: `Encoder(args)(x)` -> pooled 256-d ST-GCN feature; `dense(x)` -> the ST-GCN map pooled
+over joints and bodies, linearly upsampled to the input length. MCC's own protocol is fine-tuning
+(evaluate.py --task semi / transfer); `window` = 64 frames, the clip evaluate.py feeds every method.
+
+Commands
+  1 GPU:     python mcc.py --dataset ntu60 --split xsub --data_dir data
+  N GPUs:    torchrun --nproc_per_node=4 mcc.py --dataset ntu60 --split xsub   (batch is global)
+  CPU quick: python mcc.py --dataset synthetic
+The quick start (dataset synthetic*) applies QUICK to every flag not given explicitly: an ST-GCN of
+width 8 (8-16-32), batch 32, 4 epochs (lr x0.1 after 3), queue 1024; the paper run stays the default
+for every other dataset.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import arg
+
+METHOD = "mcc"
+
+
+@dataclass
+class Args:
+    dataset: str = arg("ntu60", "dataset (ntu60, ntu120, pku1, pku2, synthetic, synthetic_ext)")
+    split: str = arg("xsub", "benchmark split (xsub, xview, xsetup)")
+    data_dir: str = arg("data", "root folder of the processed datasets")
+    out_dir: str = arg("", "output folder (default out/mcc_<dataset>_<split>)")
+    modality: str = arg("joint", "input stream: joint, bone or motion (computed per clip)")
+    epochs: int = arg(80, "pre-training epochs (ST-GCN's NTU recipe, which MCC follows)")
+    lr_steps: list = arg([10, 50], "epochs at which the lr is multiplied by 0.1 (ST-GCN NTU)")
+    batch_size: int = arg(64, "global batch size (sequences; each gives 3 clips)")
+    lr: float = arg(0.1, "base learning rate of SGD")
+    momentum: float = arg(0.9, "SGD momentum")
+    nesterov: bool = arg(True, "Nesterov momentum (as ST-GCN's processor)")
+    weight_decay: float = arg(1e-4, "SGD weight decay on every parameter")
+    clip_len: int = arg(32, "frames per pre-training clip (paper: 32)")
+    speeds: list = arg([1, 2, 4, 8], "playback speeds (frame strides) of the clips")
+    interp_rate: int = arg(2, "interpolation rate l: the decoder outputs l * clip_len frames")
+    margin: float = arg(0.15, "triplet margin gamma")
+    tau: float = arg(0.5, "InfoNCE temperature")
+    queue_size: int = arg(65536, "MoCo queue length K (paper prints 6536, read as 65536)")
+    key_momentum: float = arg(0.999, "momentum of the key encoder (MoCo default)")
+    proj_dim: int = arg(128, "dimension of the L2-normalised projection used by triplet and NCE")
+    w_triplet: float = arg(1.0, "weight lambda_1 of the triplet loss")
+    w_nce: float = arg(1.0, "weight lambda_2 of the InfoNCE loss")
+    w_itep: float = arg(1.0, "weight lambda_3 of the interpolation loss")
+    base_width: int = arg(64, "ST-GCN width: blocks are w x4, 2w x3, 4w x3 (paper 64)")
+    dropout: float = arg(0.5, "dropout of ST-GCN blocks 2-10 (ST-GCN NTU config)")
+    window: int = arg(64, "frames per clip the encoder takes downstream (evaluate.py's crop)")
+    seed: int = arg(0, "random seed (weights, data order, clip sampling)")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = arg("auto", "autocast dtype: auto (bf16 on CUDA, off on CPU), fp32, bf16, fp16")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(False, "continue from <out_dir>/last.pt")
+    num_workers: int = arg(0, "data loader worker processes")
+    log_every: int = arg(50, "log one line every this many steps")
+    save_every: int = arg(10, "write last.pt every this many epochs (and at the end)")
+    data_on_device: bool = arg(False, "keep the whole training split on the device")
+    deterministic: bool = arg(False, "deterministic algorithms (for exact CPU reproducibility)")
+
+
+# Quick-start config for the synthetic datasets (applied to flags not given on the command line).
+QUICK = dict(epochs=4, lr_steps=[3], batch_size=32, base_width=8, queue_size=1024, log_every=10,
+             save_every=1, data_on_device=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class STGCNBlock(nn.Module):
+    """st_gcn block: 1x1 conv to K*out channels, graph aggregation over the K subsets, then
+    BN-ReLU-Conv(9x1, stride s)-BN-Dropout, residual, ReLU (yysijie/st-gcn net/st_gcn.py)."""
+
+    def __init__(self, c_in, c_out, num_subsets, stride=1, dropout=0.0, residual=True):
+        super().__init__()
+        self.k = num_subsets
+        self.gcn = nn.Conv2d(c_in, c_out * num_subsets, 1)
+        self.tcn = nn.Sequential(common.GlobalBatchNorm2d(c_out), nn.ReLU(inplace=True),
+                                 nn.Conv2d(c_out, c_out, (9, 1), (stride, 1), (4, 0)),
+                                 common.GlobalBatchNorm2d(c_out), nn.Dropout(dropout, inplace=True))
+        if not residual:
+            self.residual = None
+        elif c_in == c_out and stride == 1:
+            self.residual = nn.Identity()
+        else:
+            self.residual = nn.Sequential(nn.Conv2d(c_in, c_out, 1, (stride, 1)),
+                                          common.GlobalBatchNorm2d(c_out))
+
+    def forward(self, x, a):  # x (NM, C, T, V); a (K, V, V) = A * edge importance
+        res = 0 if self.residual is None else self.residual(x)
+        y = self.gcn(x)
+        n, kc, t, v = y.shape
+        y = torch.einsum("nkctv,kvw->nctw", y.view(n, self.k, kc // self.k, t, v), a.to(y.dtype))
+        return F.relu(self.tcn(y) + res)
+
+
+def stgcn_init(module):
+    """ST-GCN processor init: conv weights N(0, 0.02), bias 0; BN weights N(1, 0.02), bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Encoder(nn.Module):
+    """ST-GCN backbone without head: per-body data BN, 10 blocks (w x4, 2w x3 stride 2 first,
+    4w x3 stride 2 first), spatial partition (K=3) with learnable edge importance per block."""
+
+    def __init__(self, args, dropout=None):
+        super().__init__()
+        dropout = args.dropout if dropout is None else dropout
+        a = torch.tensor(common.stgcn_spatial_graph(), dtype=torch.float32)  # (3, V, V)
+        self.register_buffer("A", a)
+        k, v, w = a.size(0), a.size(1), args.base_width
+        self.data_bn = common.GlobalBatchNorm1d(3 * v)
+        plan = [(3, w, 1), (w, w, 1), (w, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
+                (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1), (4 * w, 4 * w, 1)]
+        # block 1: no residual and no dropout (ST-GCN passes dropout only to blocks 2..10)
+        self.blocks = nn.ModuleList(
+            STGCNBlock(ci, co, k, s, 0.0 if i == 0 else dropout, residual=i > 0)
+            for i, (ci, co, s) in enumerate(plan))
+        self.edge_importance = nn.ParameterList(nn.Parameter(torch.ones_like(a)) for _ in plan)
+        self.out_dim = self.dense_dim = 4 * w
+        stgcn_init(self)
+
+    def feature_map(self, x):  # x (N, C, T, V, M) -> (N*M, 4w, T/4, V), row n*M + m
+        n, c, t, v, m = x.shape
+        x = x.permute(0, 4, 3, 1, 2).reshape(n * m, v * c, t)  # data BN channel = v*C + c
+        x = self.data_bn(x).view(n, m, v, c, t).permute(0, 1, 3, 4, 2).reshape(n * m, c, t, v)
+        for block, importance in zip(self.blocks, self.edge_importance):
+            x = block(x, self.A * importance)
+        return x
+
+    @staticmethod
+    def pool(fmap, m):  # (N*M, D, T', V) -> (N, D): mean over time and joints, then bodies
+        return fmap.mean(dim=(2, 3)).view(-1, m, fmap.size(1)).mean(dim=1)
+
+    def forward(self, x):  # (N, C, T, V, M) -> (N, 4w)
+        return self.pool(self.feature_map(x), x.size(-1))
+
+    def dense(self, x):  # (N, C, T, V, M) -> (N, T, 4w): map pooled over V and M, upsampled to T
+        n, _, t, _, m = x.shape
+        f = self.feature_map(x).mean(dim=3)
+        f = f.view(n, m, f.size(1), f.size(2)).mean(dim=1)  # (N, D, T')
+        return F.interpolate(f, size=t, mode="linear", align_corners=False).transpose(1, 2)
+
+
+class Decoder(nn.Module):
+    """SPEC 5: 4 ST-GCN blocks 4w -> 2w -> w -> w; the first three upsample time x2 (linear) so
+    the T/4 encoder map reaches interp_rate * clip_len frames; a 1x1 conv maps to 3 coordinates.
+    (The paper's decoder details are in an unavailable supplement.)"""
+
+    def __init__(self, args, a):
+        super().__init__()
+        w, k = args.base_width, a.size(0)
+        self.register_buffer("A", a.clone())
+        self.out_len = args.interp_rate * args.clip_len
+        self.blocks = nn.ModuleList(STGCNBlock(ci, co, k) for ci, co in
+                                    [(4 * w, 2 * w), (2 * w, w), (w, w), (w, w)])
+        self.edge_importance = nn.ParameterList(nn.Parameter(torch.ones_like(a)) for _ in range(4))
+        self.head = nn.Conv2d(w, 3, 1)
+        stgcn_init(self)
+
+    def forward(self, fmap, m):  # (N*M, 4w, T', V) -> (N, 3, out_len, V, M)
+        sizes = [self.out_len // 4, self.out_len // 2, self.out_len, self.out_len]
+        x = fmap
+        for size, block, importance in zip(sizes, self.blocks, self.edge_importance):
+            if x.size(2) != size:
+                x = F.interpolate(x, size=(size, x.size(3)), mode="bilinear", align_corners=False)
+            x = block(x, self.A * importance)
+        x = self.head(x)  # (N*M, 3, T_out, V)
+        return x.view(-1, m, *x.shape[1:]).permute(0, 2, 3, 4, 1)
+
+
+def projector(args):
+    """MoCo v2-style MLP to the 128-d embedding of triplet and NCE (the paper does not say)."""
+    d = 4 * args.base_width
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, args.proj_dim))
+
+
+class Model(nn.Module):
+    """Query encoder + projector + decoder, momentum key encoder + projector, key queue."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.encoder = Encoder(args)
+        self.projector = projector(args)
+        self.decoder = Decoder(args, self.encoder.A)
+        # keys come from a dropout-free copy: a stable target, as MoCo's key network has no dropout
+        self.key_encoder = Encoder(args, dropout=0.0)
+        self.key_projector = projector(args)
+        self.key_encoder.load_state_dict(self.encoder.state_dict())
+        self.key_projector.load_state_dict(self.projector.state_dict())
+        for p in list(self.key_encoder.parameters()) + list(self.key_projector.parameters()):
+            p.requires_grad_(False)
+        # MoCo initialises the queue with random unit vectors; they are flushed after K keys
+        queue = F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, clips, keys):
+        """clips (3B, C, L, V, M) = [base; positive; negative], keys (B, C, L, V, M) = positive.
+        Returns z (3B, P) unit query embeddings, rec (2B, C, l*L, V, M) interpolations of base and
+        positive, k (B, P) unit keys."""
+        m, b2 = clips.size(-1), 2 * keys.size(0)
+        fmap = self.encoder.feature_map(clips)  # (3B*M, 4w, L/4, V)
+        z = F.normalize(self.projector(self.encoder.pool(fmap, m)), dim=1)
+        rec = self.decoder(fmap[:b2 * m], m)  # never the motion-broken clips (paper 3.2)
+        with torch.no_grad():
+            k = F.normalize(self.key_projector(self.key_encoder(keys)), dim=1)
+        return z, rec, k
+
+    @torch.no_grad()
+    def momentum_update(self, mom):
+        for q, k in [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]:
+            for pq, pk in zip(q.parameters(), k.parameters()):
+                pk.mul_(mom).add_(pq.detach(), alpha=1 - mom)
+
+    @torch.no_grad()
+    def enqueue(self, keys):  # keys (B_global, P), in rank order
+        idx = (self.queue_ptr + torch.arange(keys.size(0), device=keys.device)) % self.queue.size(0)
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.size(0)) % self.queue.size(0))
+
+
+# ------------------------------------------------------------------------------------------ loss
+def mcc_losses(z, k, queue, rec, target, margin, tau):
+    """z (3B, P) unit embeddings of [b; p; n], k (B, P) unit keys of p, queue (K, P), rec/target
+    (2B, 3, T', V, M). Returns the three loss terms in fp32."""
+    zb, zp, zn = z.float().chunk(3)
+    # Eq. 1 with the standard sign (SPEC 5): pull the positive, push the motion-broken clip
+    d_pos, d_neg = (zb - zp).norm(dim=1), (zb - zn).norm(dim=1)
+    triplet = F.relu(margin + d_pos - d_neg).mean()
+    # Eq. 2 with cosine similarity in place of the printed distance (sign fix, SPEC 5)
+    l_pos = (zb * k.float()).sum(dim=1, keepdim=True)
+    logits = torch.cat([l_pos, zb @ queue.float().t()], dim=1) / tau
+    nce = F.cross_entropy(logits, torch.zeros(zb.size(0), dtype=torch.long, device=z.device))
+    # Eq. 3: squared error summed over xyz, averaged over joints, frames (and bodies, samples)
+    itep = (rec.float() - target.float()).pow(2).sum(dim=1).mean()
+    return {"triplet": triplet, "nce": nce, "itep": itep}
+
+
+# ----------------------------------------------------------------------------------------- views
+def make_views(x, num_frame, g, args, rank=0, world_size=1):
+    """Builds the MCC clips of a batch on x's device (no per-sample Python loop).
+
+    x (B, C, T, V, M) raw sequences, num_frame (B,). Random draws are made for the GLOBAL batch
+    (B * world_size, same generator state on every rank) and this rank's rows are kept, so every
+    sample gets the same clips whatever the number of processes. Returns base, pos, neg
+    (B, C, L, V, M), target (2B, C, l*L, V, M) for [base; pos] and the drawn parameters."""
+    b, dev, L, l = x.size(0), x.device, args.clip_len, args.interp_rate
+    rows = slice(rank * b, (rank + 1) * b)
+    gb, speeds = b * world_size, torch.tensor(args.speeds, device=dev)
+    u = torch.rand(gb, 3, generator=g, device=dev)[rows]  # start fractions of c_i, c_j, c_k
+    si = torch.randint(len(speeds), (gb,), generator=g, device=dev)[rows]
+    sj = (si + torch.randint(1, len(speeds), (gb,), generator=g, device=dev)[rows]) % len(speeds)
+    # B(.): common.shuffle_frames (uniform over the non-identity orders) applied to the frame
+    # positions 0..L-1 of the global batch gives the permutations; shuffling indices, not clips
+    positions = torch.arange(L, device=dev, dtype=torch.float).view(1, 1, L, 1, 1)
+    perm = common.shuffle_frames(positions.expand(gb, 1, L, 1, 1), g)[rows].reshape(b, L).long()
+    r_i, r_j = speeds[si], speeds[sj]
+    start = (u * num_frame[:, None]).long().clamp(max=num_frame[:, None] - 1)  # (B, 3)
+    idx_b = common.speed_indices(num_frame, start[:, 0], r_i, L)
+    idx_p = common.speed_indices(num_frame, start[:, 1], r_j, L)
+    idx_n = common.speed_indices(num_frame, start[:, 2], r_i, L).gather(1, perm)
+    tgt = [interp_indices(num_frame, start[:, i], r, L, l) for i, r in [(0, r_i), (1, r_j)]]
+    frames = common.gather_frames(x, torch.cat([idx_b, idx_p, idx_n] + tgt, dim=1))
+    base, pos, neg, t_b, t_p = frames.split([L, L, L, l * L, l * L], dim=2)
+    base, pos, neg, t_b, t_p = (common.to_modality(c.contiguous(), args.modality)
+                                for c in (base, pos, neg, t_b, t_p))
+    info = {"start": start, "r_i": r_i, "r_j": r_j, "perm": perm}
+    return base, pos, neg, torch.cat([t_b, t_p]), info
+
+
+def interp_indices(num_frame, start, speed, length, rate):
+    """Ground truth of the rate-l interpolation of S(r): stride r/l from the same start (l*length
+    frames); for r = 1 the clip itself repeated l times and concatenated (paper 3.2)."""
+    dense = common.speed_indices(num_frame, start, (speed // rate).clamp(min=1), rate * length)
+    tiled = common.speed_indices(num_frame, start, speed, length).repeat(1, rate)
+    return torch.where((speed == 1)[:, None], tiled, dense)
+
+
+# ------------------------------------------------------------------------------------------ main
+def check_args(args):
+    if args.modality not in ("joint", "bone", "motion"):
+        raise common.UserError(f"--modality {args.modality!r}: expected joint, bone or motion")
+    if len(args.speeds) < 2 or min(args.speeds) < 1:
+        raise common.UserError(f"--speeds {args.speeds}: need at least two positive speeds")
+    if any(r != 1 and r % args.interp_rate for r in args.speeds) or args.interp_rate < 1:
+        raise common.UserError(f"--speeds {args.speeds}: each must be 1 or a multiple of "
+                               f"--interp_rate {args.interp_rate} (target stride r / l)")
+    if args.clip_len < 2 or args.window < 1 or args.base_width < 1:
+        raise common.UserError("--clip_len must be >= 2, --window and --base_width >= 1")
+    if args.queue_size < args.batch_size:
+        raise common.UserError(f"--queue_size {args.queue_size} must be >= --batch_size "
+                               f"{args.batch_size}")
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, quick=QUICK)
+    check_args(args)
+    args.split = common.canonical_split(args.dataset, args.split)
+    env = common.setup_distributed(args.device)
+    dev, rank, world = env.device, env.rank, env.world_size
+    out = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
+    log = common.RunLogger(out, env.is_main)
+    if env.is_main:
+        common.save_json(common.args_to_dict(args), out / "args.json")
+
+    split = common.load_split(args.data_dir, args.dataset, args.split, "train")
+    loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True,
+                                seed=args.seed, rank=rank, world_size=world, device=dev,
+                                on_device=args.data_on_device, with_labels=False,
+                                num_workers=args.num_workers)
+    common.seed_everything(args.seed, args.deterministic)  # identical initial weights on all ranks
+    model = Model(args).to(dev)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                          momentum=args.momentum, nesterov=args.nesterov,
+                          weight_decay=args.weight_decay)
+    scaler = common.make_scaler(dev, args.dtype)
+    g = torch.Generator(device=dev)
+    start_epoch, step, metrics = 0, 0, {}
+    ckpt_path = out / "last.pt"
+    if args.resume and ckpt_path.exists():
+        ckpt = common.load_checkpoint(ckpt_path, METHOD, map_location=dev)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        common.set_rng_state(ckpt["rng"], g)
+        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    elif args.resume:
+        log.info(f"--resume: {ckpt_path} not found, starting from scratch")
+    net = model
+    if env.ddp:
+        # the queue/BN buffers stay equal on every rank by construction: no broadcasts
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:
+        net = torch.compile(net)
+    log.info(f"mcc: ST-GCN encoder {common.count_params(model.encoder):,} params, "
+             f"{len(split)} sequences, {len(loader)} steps/epoch, world size {world}")
+
+    def save(epoch):
+        if env.is_main:
+            common.save_checkpoint({
+                "method": METHOD, "args": common.args_to_dict(args),
+                "encoder": model.encoder.state_dict(), "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "step": step, "rng": common.rng_state(g), "dataset": args.dataset,
+                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}, ckpt_path)
+
+    total_steps, t_run, steps_run = args.epochs * len(loader), time.time(), 0
+    bar = tqdm(range(start_epoch, args.epochs), initial=start_epoch, total=args.epochs,
+               desc="mcc", disable=not env.is_main)
+    for epoch in bar:
+        # Every epoch's randomness is a function of (seed, epoch[, rank]): a run resumed at an epoch
+        # boundary replays it exactly under any world size. g (clip sampling) is shared by all
+        # ranks (global draws, see make_views); the torch RNG (dropout) is per rank.
+        g.manual_seed(args.seed * 100_003 + epoch)
+        torch.manual_seed((args.seed * 100_003 + epoch) * 64 + 1 + rank)
+        loader.set_epoch(epoch)
+        lr = common.step_lr(args.lr, epoch, args.lr_steps)
+        common.set_lr(opt, lr)
+        model.train()
+        sums = torch.zeros(4, device=dev)
+        for x, num_frame, _ in loader:
+            base, pos, neg, target, _ = make_views(x, num_frame, g, args, rank, world)
+            model.momentum_update(args.key_momentum)
+            with common.autocast(dev, args.dtype):
+                z, rec, k = net(torch.cat([base, pos, neg]), pos)
+            terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau)
+            loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
+                    + args.w_itep * terms["itep"])
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at epoch {epoch} step {step}: "
+                                   f"{ {n: v.item() for n, v in terms.items()} }")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            model.enqueue(common.gather_nograd(k.detach().float()))  # keys of the global batch
+            step, steps_run = step + 1, steps_run + 1
+            sums += torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+            if step % args.log_every == 0:
+                vals = common.all_reduce_mean(torch.stack(
+                    [loss.detach(), *(v.detach() for v in terms.values())])).tolist()
+                elapsed = time.time() - t_run
+                log.log(step, epoch + 1, loss=vals[0], triplet=vals[1], nce=vals[2],
+                        itep=vals[3], lr=lr, samples_per_s=steps_run * args.batch_size / elapsed,
+                        eta=common.format_eta(elapsed / steps_run * (total_steps - step)))
+        means = (common.all_reduce_mean(sums) / len(loader)).tolist()
+        metrics = dict(zip(["loss", "triplet", "nce", "itep"], means))
+        bar.set_postfix(loss=f"{means[0]:.4f}")
+        log.log(step, epoch + 1, **{f"epoch_{n}": v for n, v in metrics.items()})
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(epoch + 1)
+    if env.is_main:
+        log.info(f"done: {out / 'last.pt'}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,223 @@
+"""MCC: ST-GCN fidelity, clip sampling, losses, and end-to-end runs (train, resume, torchrun)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import mcc
+
+# A tiny but complete configuration: every code path of the paper run, at toy sizes.
+TINY = ["--dataset", "synthetic", "--base_width", "4", "--clip_len", "8", "--batch_size", "24",
+        "--queue_size", "120", "--proj_dim", "8", "--window", "16", "--dropout", "0",
+        "--lr_steps", "1", "--log_every", "1", "--save_every", "1", "--device", "cpu",
+        "--deterministic", "--no_data_on_device", "--lr", "0.05"]
+
+
+def test_stgcn_backbone_matches_official_counts():
+    enc = mcc.Encoder(mcc.Args())
+    assert common.count_params(enc) == 3_083_412  # ST-GCN without the 60-class head
+    assert [int((enc.A[k] != 0).sum()) for k in range(3)] == [25, 40, 8]
+    # normalised A D^-1: each target column sums to 1 over the three subsets
+    torch.testing.assert_close(enc.A.sum(dim=(0, 1)), torch.ones(25))
+    assert len(enc.edge_importance) == 10 and all(torch.all(p == 1) for p in enc.edge_importance)
+    assert enc.out_dim == enc.dense_dim == 256
+    strides = [b.tcn[2].stride[0] for b in enc.blocks]
+    assert strides == [1, 1, 1, 1, 2, 1, 1, 2, 1, 1]
+    assert enc.blocks[0].residual is None and enc.blocks[0].tcn[4].p == 0
+    assert all(b.tcn[4].p == 0.5 for b in enc.blocks[1:])
+
+
+def test_shapes_encoder_dense_decoder():
+    args = mcc.Args(base_width=4, queue_size=16, proj_dim=8)
+    model = mcc.Model(args).eval()
+    keys = torch.randn(2, 3, 32, 25, 2)
+    # key encoder starts as a copy of the query encoder and is not trained by the optimizer
+    assert all(not p.requires_grad for p in model.key_encoder.parameters())
+    torch.testing.assert_close(model.key_encoder(keys), model.encoder(keys))
+    model.train()
+    x = torch.randn(2, 3, 40, 25, 2)
+    assert model.encoder(x).shape == (2, 16)
+    assert model.encoder.dense(x).shape == (2, 40, 16)
+    clips = torch.randn(6, 3, 32, 25, 2)
+    z, rec, k = model(clips, keys)
+    assert z.shape == (6, 8) and k.shape == (2, 8)
+    assert rec.shape == (4, 3, 64, 25, 2)  # interpolation rate 2 of base and positive only
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(6))
+
+
+def _frame_coded(num_frame, t_max=260):
+    """x[n, 0, t] = t, x[n, 1, t] = n: a gathered clip reveals the frame indices it took."""
+    b = len(num_frame)
+    x = torch.zeros(b, 3, t_max, 25, 2)
+    x[:, 0] = torch.arange(t_max, dtype=torch.float)[None, :, None, None]
+    x[:, 1] = torch.arange(b, dtype=torch.float)[:, None, None, None]
+    return x, torch.tensor(num_frame)
+
+
+def test_clip_indices_speeds_looping_and_targets():
+    nf = [10, 33, 40, 100, 260, 7, 64, 90] * 8
+    x, num_frame = _frame_coded(nf)
+    args = mcc.Args()
+    g = torch.Generator().manual_seed(0)
+    base, pos, neg, target, info = mcc.make_views(x, num_frame, g, args)
+    n = num_frame[:, None]
+    t = torch.arange(32)
+    r_i, r_j, start = info["r_i"], info["r_j"], info["start"]
+    assert set(r_i.tolist()) == {1, 2, 4, 8} and torch.all(r_i != r_j)
+    assert torch.all((start >= 0) & (start < n))
+    expect_b = (start[:, :1] + r_i[:, None] * t) % n
+    expect_p = (start[:, 1:2] + r_j[:, None] * t) % n
+    assert torch.equal(base[:, 0, :, 0, 0].long(), expect_b)
+    assert torch.equal(pos[:, 0, :, 0, 0].long(), expect_p)
+    assert (expect_b.max(1).values < n[:, 0]).all()
+    assert (base[:, 0, -1, 0, 0] < base[:, 0, 0, 0, 0]).any()  # some clips looped
+    assert torch.equal(base[:, 1, 0, 0, 0].long(), torch.arange(len(nf)))  # own sequence
+    # negative: the same speed as the base, a permutation of S(r_i, c_k), never in order
+    unshuffled = (start[:, 2:3] + r_i[:, None] * t) % n
+    got = neg[:, 0, :, 0, 0].long()
+    assert torch.equal(got, unshuffled.gather(1, info["perm"]))
+    assert torch.equal(info["perm"].sort(1).values, t.expand(len(nf), 32))
+    assert not torch.any((info["perm"] == t).all(1))
+    # interpolation targets (rate 2): stride r/2 from the base/positive start, looping; speed 1:
+    # the clip itself twice
+    tt = torch.arange(64)
+    for clip, tgt, r, s in [(base, target[:len(nf)], r_i, start[:, 0]),
+                            (pos, target[len(nf):], r_j, start[:, 1])]:
+        frames = tgt[:, 0, :, 0, 0].long()
+        dense = (s[:, None] + (r[:, None] // 2).clamp(min=1) * tt) % n
+        tiled = clip[:, 0, :, 0, 0].long().repeat(1, 2)
+        assert torch.equal(frames, torch.where((r == 1)[:, None], tiled, dense))
+        even = r > 1
+        assert torch.equal(frames[even][:, ::2], clip[even][:, 0, :, 0, 0].long())
+
+
+def test_negative_never_identity_and_global_draws():
+    args = mcc.Args(clip_len=2)  # a random 2-permutation is the identity half of the time
+    x, num_frame = _frame_coded([50] * 256)
+    _, _, _, _, info = mcc.make_views(x, num_frame, torch.Generator().manual_seed(1), args)
+    assert torch.all(info["perm"] == torch.tensor([1, 0]))
+    # rank r of W processes gets exactly rows r*B..(r+1)*B of the single-process draws
+    args = mcc.Args()
+    x, num_frame = _frame_coded([30, 70, 100, 260, 45, 90])
+    full = mcc.make_views(x, num_frame, torch.Generator().manual_seed(3), args)
+    for r in range(2):
+        rows = slice(3 * r, 3 * r + 3)
+        g = torch.Generator().manual_seed(3)
+        part = mcc.make_views(x[rows], num_frame[rows], g, args, r, 2)
+        for a, b in zip(full[:3], part[:3]):
+            assert torch.equal(a[rows], b)
+        assert torch.equal(full[3][:6][rows], part[3][:3])
+
+
+def test_losses_against_direct_computation():
+    torch.manual_seed(0)
+    B, P, K, margin, tau = 5, 6, 7, 0.15, 0.5
+    z = F.normalize(torch.randn(3 * B, P), dim=1)
+    z[B] = z[0]  # positive identical to the base: the hinge must be active through d_neg only
+    k = F.normalize(torch.randn(B, P), dim=1)
+    queue = F.normalize(torch.randn(K, P), dim=1)
+    rec, target = torch.randn(2 * B, 3, 4, 25, 2), torch.randn(2 * B, 3, 4, 25, 2)
+    out = mcc.mcc_losses(z, k, queue, rec, target, margin, tau)
+    trip, nce = 0.0, 0.0
+    for i in range(B):
+        b, p, n = z[i].tolist(), z[B + i].tolist(), z[2 * B + i].tolist()
+        d_pos = math.sqrt(sum((u - v) ** 2 for u, v in zip(b, p)))
+        d_neg = math.sqrt(sum((u - v) ** 2 for u, v in zip(b, n)))
+        trip += max(0.0, margin + d_pos - d_neg) / B
+        s_pos = math.exp(sum(u * v for u, v in zip(b, k[i].tolist())) / tau)
+        s_neg = sum(math.exp(sum(u * v for u, v in zip(b, q)) / tau) for q in queue.tolist())
+        nce += -math.log(s_pos / (s_pos + s_neg)) / B
+    itep = sum(((rec[s, :, f, j, m] - target[s, :, f, j, m]) ** 2).sum().item()
+               for s in range(2 * B) for f in range(4) for j in range(25) for m in range(2))
+    itep /= 2 * B * 4 * 25 * 2
+    assert out["triplet"].item() == pytest.approx(trip, rel=1e-5)
+    assert out["nce"].item() == pytest.approx(nce, rel=1e-5)
+    assert out["itep"].item() == pytest.approx(itep, rel=1e-5)
+    # a motion-broken clip far enough away gives zero triplet loss
+    z2 = z.clone()
+    z2[B:2 * B], z2[2 * B:] = z[:B], -z[:B]
+    assert mcc.mcc_losses(z2, k, queue, rec, target, margin, tau)["triplet"].item() == 0
+
+
+def test_queue_and_momentum_update():
+    model = mcc.Model(mcc.Args(base_width=4, queue_size=6, proj_dim=3))
+    keys = torch.arange(12, dtype=torch.float).view(4, 3)
+    model.enqueue(keys)
+    model.enqueue(keys + 100)  # wraps around: slots 4, 5, 0, 1
+    assert model.queue_ptr.item() == 2
+    assert torch.equal(model.queue[[4, 5, 0, 1]], keys + 100)
+    assert torch.equal(model.queue[[2, 3]], keys[2:])
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.key_encoder.parameters()]
+    model.momentum_update(0.9)
+    for pk, pq, b in zip(model.key_encoder.parameters(), model.encoder.parameters(), before):
+        torch.testing.assert_close(pk, 0.9 * b + 0.1 * pq)
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_end_to_end_resume_and_torchrun(tiny_data, tmp_path, run_py):
+    """One tiny run of 2 epochs; 1 epoch + --resume must end bit-identical; 2 torchrun (gloo)
+    processes for 1 epoch must follow the single-process epoch."""
+    root = Path(mcc.__file__).parent
+    assert "--queue_size" in run_py(["mcc.py", "--help"]).stdout
+    bad = run_py(["mcc.py", "--no_such_flag", "1"], check=False)
+    assert bad.returncode != 0 and "no_such_flag" in bad.stderr
+    bad = run_py(["mcc.py", *TINY, "--data_dir", tiny_data, "--speeds", "1", "3"], check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: --speeds")
+
+    full, part, ddp = tmp_path / "full", tmp_path / "part", tmp_path / "ddp"
+    common_flags = [*TINY, "--data_dir", tiny_data]
+    run_py(["mcc.py", *common_flags, "--out_dir", full, "--epochs", "2"])
+    run_py(["mcc.py", *common_flags, "--out_dir", part, "--epochs", "1"])
+    one_epoch = _model_state(part / "last.pt")
+    run_py(["mcc.py", *common_flags, "--out_dir", part, "--epochs", "2", "--resume"])
+    run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "mcc.py",
+            *common_flags, "--out_dir", ddp, "--epochs", "1"], cwd=root, timeout=240)
+
+    ckpt = torch.load(full / "last.pt", weights_only=True)
+    assert ckpt["method"] == "mcc" and ckpt["epoch"] == 2 and ckpt["version"] == 1
+    assert set(ckpt) >= {"args", "encoder", "model", "optimizer", "scaler", "step", "rng",
+                         "dataset", "split", "metrics"}
+    assert all(math.isfinite(v) for v in ckpt["metrics"].values())
+    enc = mcc.Encoder(mcc.Args(**ckpt["args"]))
+    enc.load_state_dict(ckpt["encoder"])
+    enc.eval()
+    x = torch.randn(2, 3, ckpt["args"]["window"], 25, 2)
+    assert enc(x).shape == (2, 16) and enc.dense(x).shape == (2, 16, 16)
+    assert json.loads((full / "args.json").read_text())["base_width"] == 4
+    lines = [json.loads(s) for s in (full / "metrics.jsonl").read_text().splitlines()]
+    assert {"triplet", "nce", "itep", "lr", "samples_per_s"} <= set(lines[0])
+    # training moved the weights
+    init = mcc.Model(mcc.Args(**ckpt["args"])).state_dict()
+    name = "encoder.blocks.9.gcn.weight"
+    assert not torch.equal(init[name], ckpt["model"][name])
+
+    resumed = _model_state(part / "last.pt")
+    assert resumed.keys() == ckpt["model"].keys()
+    for name, v in ckpt["model"].items():
+        assert torch.equal(v, resumed[name]), name
+
+    # torchrun: same batches, clips, SyncBN statistics and gathered keys. Step 1 runs identical
+    # weights, step 2 follows one averaged update; later steps drift by float rounding that the
+    # tiny ST-GCN amplifies (two single-process runs with 1 vs 2 OMP threads drift as well).
+    def steps(d):
+        lines = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
+        return [m for m in lines if "triplet" in m]
+    single, multi = steps(part)[:5], steps(ddp)
+    assert len(multi) == 5 and [s["step"] for s in multi] == [1, 2, 3, 4, 5]
+    for i, (a, b) in enumerate(zip(single, multi)):
+        for key in ("loss", "triplet", "nce", "itep"):
+            tol = 1e-5 if i == 0 else 5e-4 if i == 1 else 5e-2
+            assert b[key] == pytest.approx(a[key], rel=tol, abs=1e-6), (i, key)
+    q2 = _model_state(ddp / "last.pt")  # keys of step 1 come from identical key encoders
+    torch.testing.assert_close(q2["queue"][:24], one_epoch["queue"][:24], rtol=1e-4, atol=1e-5)
+    assert q2["queue_ptr"].item() == one_epoch["queue_ptr"].item() == 0
