@@ -351,7 +351,7 @@ def main(argv=None):
     g = torch.Generator(device=dev)
     start_epoch, step, metrics = 0, 0, {}
     ckpt_path = out / "last.pt"
-    if args.resume and ckpt_path.exists():
+    if args.resume:  # a missing last.pt is an error (as in the other scripts), not a fresh start
         ckpt = common.load_checkpoint(ckpt_path, METHOD, map_location=dev)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -359,8 +359,6 @@ def main(argv=None):
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         common.set_rng_state(ckpt["rng"], g)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    elif args.resume:
-        log.info(f"--resume: {ckpt_path} not found, starting from scratch")
     net = model
     if env.ddp:
         # the queue/BN buffers stay equal on every rank by construction: no broadcasts
