@@ -242,9 +242,10 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, mom):
-        for q, k in [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]:
-            for pq, pk in zip(q.parameters(), k.parameters()):
-                pk.mul_(mom).add_(pq.detach(), alpha=1 - mom)
+        keys = [*self.key_encoder.parameters(), *self.key_projector.parameters()]
+        queries = [p.detach() for p in (*self.encoder.parameters(), *self.projector.parameters())]
+        torch._foreach_mul_(keys, mom)  # multi-tensor kernels: same arithmetic as per-parameter ops
+        torch._foreach_add_(keys, queries, alpha=1 - mom)
 
     @torch.no_grad()
     def enqueue(self, keys):  # keys (B_global, P), in rank order

@@ -312,8 +312,9 @@ class Model(nn.Module):
     @torch.no_grad()
     def momentum_update(self):
         m = self.args.momentum
-        for pk, pq in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        keys = list(self.encoder_k.parameters())  # multi-tensor kernels: same arithmetic, 2 calls
+        torch._foreach_mul_(keys, m)
+        torch._foreach_add_(keys, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
 
     def forward(self, b: dict, post_distill: bool = False) -> dict:
         """b: the local batch of views (make_views + add_batch_params). Returns fp32 loss terms."""
