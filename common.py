@@ -230,8 +230,9 @@ def step_lr(base_lr: float, epoch: int, milestones, gamma: float = 0.1) -> float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's lr to lr times the group's optional "lr_mult" (default 1)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
 def count_params(module: nn.Module) -> int:
