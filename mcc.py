@@ -27,6 +27,7 @@ Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps): 226 s wall
 init 19.2 / 19.9 / 18.7. With the default 2 threads on a machine loaded by other jobs, OpenMP
 contention made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
 """
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,9 +418,6 @@ def main(argv=None):
             terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau)
             loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
                     + args.w_itep * terms["itep"])
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at epoch {epoch} step {step}: "
-                                   f"{ {n: v.item() for n, v in terms.items()} }")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -430,6 +428,10 @@ def main(argv=None):
             if step % args.log_every == 0:
                 vals = common.all_reduce_mean(torch.stack(
                     [loss.detach(), *(v.detach() for v in terms.values())])).tolist()
+                # checked on log steps only (the .tolist() syncs anyway; every rank sees the same)
+                if not all(math.isfinite(v) for v in vals):
+                    raise common.UserError(f"non-finite loss at step {step} (triplet, nce, itep = "
+                                           f"{vals[1:]}): lower --lr or use --dtype fp32")
                 elapsed = time.time() - t_run
                 log.log(step, epoch + 1, loss=vals[0], triplet=vals[1], nce=vals[2],
                         itep=vals[3], lr=lr, samples_per_s=steps_run * args.batch_size / elapsed,
