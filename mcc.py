@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -354,8 +353,6 @@ def main(argv=None):
     dev, rank, world = env.device, env.rank, env.world_size
     out = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
     log = common.RunLogger(out, env.is_main)
-    if env.is_main:
-        common.save_json(common.args_to_dict(args), out / "args.json")
 
     split = common.load_split(args.data_dir, args.dataset, args.split, "train")
     loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True,
@@ -378,6 +375,8 @@ def main(argv=None):
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         common.set_rng_state(ckpt["rng"], g)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    if env.is_main:  # after the resume check: a failed --resume leaves the folder as it was
+        common.save_json(common.args_to_dict(args), out / "args.json")
     net = model
     if env.ddp:
         # the queue/BN buffers stay equal on every rank by construction: no broadcasts

@@ -48,3 +48,22 @@ def tiny_data_ext(tmp_path_factory):
     d = tmp_path_factory.mktemp("data_ext")
     data_prep.prepare_synthetic(d, "synthetic_ext", size="tiny", seed=0, quiet=True)
     return str(d)
+
+
+@pytest.fixture
+def torchrun_vs_one(tmp_path, run_py, monkeypatch):
+    """run(script_text, args) -> (one, two): the states a one-step script saves to argv[1] when run
+    in this process (one) and as 2 gloo processes under torchrun with `args` after argv[1] (two).
+    The script receives the rest of argv (the training flags) and may run main() under torchrun."""
+    import torch
+
+    def run(script_text, args):
+        script = tmp_path / "step.py"
+        script.write_text(script_text)
+        run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                script, tmp_path / "two.pt", *args], timeout=240)
+        monkeypatch.setattr(sys, "argv", ["step.py", str(tmp_path / "one.pt")])
+        exec(compile(script_text, "step.py", "exec"), {})
+        return (torch.load(tmp_path / "one.pt", weights_only=True),
+                torch.load(tmp_path / "two.pt", weights_only=True))
+    return run

@@ -4,7 +4,6 @@ end-to-end training with exact resume and post-distillation from a stage-one che
 torchrun equivalence."""
 import copy
 import json
-import sys
 
 import pytest
 import torch
@@ -388,16 +387,11 @@ if d.ddp:  # the training loop itself under torchrun
 """
 
 
-def test_torchrun_two_processes_match_one(tiny_data, tmp_path, run_py, monkeypatch):
-    script = tmp_path / "step.py"
-    script.write_text(TORCHRUN_SCRIPT)
+def test_torchrun_two_processes_match_one(tiny_data, tmp_path, torchrun_vs_one):
     out = tmp_path / "ddp"
-    run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            script, tmp_path / "two.pt", "--dataset", "synthetic", "--data_dir", tiny_data,
-            *TINY, "--epochs", "1", "--post_distill_epochs", "0", "--out_dir", out], timeout=240)
-    monkeypatch.setattr(sys, "argv", ["step.py", str(tmp_path / "one.pt")])
-    exec(compile(TORCHRUN_SCRIPT, "step.py", "exec"), {})
-    one, two = _state(tmp_path / "one.pt"), _state(tmp_path / "two.pt")
+    one, two = torchrun_vs_one(TORCHRUN_SCRIPT, ["--dataset", "synthetic", "--data_dir", tiny_data,
+                                                 *TINY, "--epochs", "1", "--post_distill_epochs", "0",
+                                                 "--out_dir", out])
     assert torch.allclose(one["loss"], two["loss"], rtol=0, atol=1e-10)
     for k, g1 in one["grads"].items():
         assert torch.allclose(g1, two["grads"][k], rtol=0, atol=1e-10), k
