@@ -133,13 +133,18 @@ class _ForwardGRULayer(torch.autograd.Function):
         b_hh = torch.stack([b_hh_f, b_hh_r])[:, None]                    # (2, 1, 3H)
         hs = x.new_zeros(t + 1, 2, n, hid)                               # h_{-1} = 0, then h_0..h_T-1
         gates = x.new_empty(t, 4, 2, n, hid)                             # r, z, n, W_hn h + b_hn
+        # At small widths the loop costs its number of ops, not its arithmetic: every gate is written
+        # straight into its slot of `gates` / `hs` (out=) instead of being stacked and copied there,
+        # and the views are taken with one unbind each.
+        w_hh_t, h = w_hh.transpose(1, 2), hs.unbind(0)
         for s in range(t):
-            gh = torch.baddbmm(b_hh, hs[s], w_hh.transpose(1, 2)).view(2, n, 3, hid)
-            r = torch.sigmoid(gi[s, 0] + gh[:, :, 0])
-            z = torch.sigmoid(gi[s, 1] + gh[:, :, 1])
-            cand = torch.tanh(gi[s, 2] + r * gh[:, :, 2])
-            hs[s + 1] = cand + z * (hs[s] - cand)                        # (1 - z) n + z h
-            gates[s] = torch.stack([r, z, cand, gh[:, :, 2]])
+            (gi_r, gi_z, gi_n), (r, z, cand, ghn) = gi[s], gates[s]
+            gh_r, gh_z, gh_n = torch.baddbmm(b_hh, h[s], w_hh_t).view(2, n, 3, hid).unbind(2)
+            torch.sigmoid(gi_r + gh_r, out=r)
+            torch.sigmoid(gi_z + gh_z, out=z)
+            ghn.copy_(gh_n)
+            torch.tanh(gi_n + r * ghn, out=cand)
+            torch.add(cand, z * (h[s] - cand), out=h[s + 1])             # (1 - z) n + z h
         ctx.save_for_backward(x, w_ih_f, w_ih_r, w_hh, hs, gates)
         return hs[1:].permute(2, 0, 1, 3).reshape(n, t, 2 * hid)
 
@@ -150,22 +155,28 @@ class _ForwardGRULayer(torch.autograd.Function):
         n, t, _ = x.shape
         hid = w_hh.shape[2]
         dy = dy.reshape(n, t, 2, hid).permute(1, 2, 0, 3)                # (T, 2, N, H)
-        dgi = x.new_empty(t, 2, n, 3, hid)                               # grads of W_ih x + b_ih
+        # The loop writes the gate gradients in place (out=), dgi only its n gate: its r and z gates
+        # equal dgh's and are copied once after the loop. dgi is kept in x's (N, T) row order, so the
+        # weight GEMMs read it without another copy.
         dgh = x.new_empty(t, 2, n, 3, hid)                               # grads of W_hh h + b_hh
+        dgi = x.new_empty(2, n, t, 3, hid)                               # grads of W_ih x + b_ih
         dh = x.new_zeros(2, n, hid)
+        h, dgi_n = hs.unbind(0), dgi[:, :, :, 2].unbind(2)
         for s in range(t - 1, -1, -1):
             dh = dh + dy[s]
             r, z, cand, ghn = gates[s]
-            dn = dh * (1 - z) * (1 - cand * cand)
-            dz = dh * (hs[s] - cand) * z * (1 - z)
-            dr = dn * ghn * r * (1 - r)
-            dgi[s, :, :, 0], dgi[s, :, :, 1], dgi[s, :, :, 2] = dr, dz, dn
-            dgh[s, :, :, 0], dgh[s, :, :, 1], dgh[s, :, :, 2] = dr, dz, dn * r
+            dr, dz, dhn = dgh[s].unbind(2)
+            one_z = 1 - z
+            dn = torch.mul(dh * one_z, 1 - cand * cand, out=dgi_n[s])
+            torch.mul(dh * (h[s] - cand) * z, one_z, out=dz)
+            torch.mul(dn * ghn * r, 1 - r, out=dr)
+            torch.mul(dn, r, out=dhn)
             dh = torch.baddbmm(dh * z, dgh[s].view(2, n, 3 * hid), w_hh)
+        dgi[:, :, :, :2] = dgh[:, :, :, :2].permute(1, 2, 0, 3, 4)
         rows = dgh.permute(1, 3, 4, 0, 2).reshape(2, 3 * hid, t * n)      # (2, 3H, T*N)
         d_w_hh = torch.bmm(rows, hs[:-1].transpose(0, 1).reshape(2, t * n, hid))
         d_b_hh = rows.sum(2)
-        dgi = dgi.permute(1, 2, 0, 3, 4).reshape(2, n * t, 3 * hid)       # rows in x's (N, T) order
+        dgi = dgi.view(2, n * t, 3 * hid)                                # rows in x's (N, T) order
         xr = x.reshape(n * t, -1)
         dx = (dgi[0] @ w_ih_f + dgi[1] @ w_ih_r).view_as(x)
         return (dx, dgi[0].t() @ xr, d_w_hh[0], dgi[0].sum(0), d_b_hh[0],

@@ -5,8 +5,8 @@
                           [--methods usdrl,scd_net,pcm3pp,mcc]
 
 Prints one JSON line per measurement: {"what", "config", "device", "median_s", "samples_per_s", ...},
-the median over --repeats timed runs after one warm-up (implementations compared in one
-measurement are timed interleaved). Add a benchmark by writing a function
+the median over --repeats timed runs (9; 2 with --quick) after one warm-up (implementations compared
+in one measurement are timed interleaved). Add a benchmark by writing a function
 `fn(opts) -> iterable of dicts` and registering it in BENCHMARKS.
 
 usdrl_views: USDRL-style pre-training views (methods.md 1.4: crop-resize to 64 frames, then joint
@@ -18,23 +18,24 @@ corruption or shear, 4 views per clip) from one batch of raw (3, 300, 25, 2) cli
     (np.stack + torch.from_numpy) of each view.
 The batched line carries `speedup_vs_numpy_per_sample` (wall) and, on CPU, the same ratio of process
 CPU times (target >= 10 on CPU, same threads). Every benchmark runs twice by default: with glibc's
-default allocator, then after tune_glibc_malloc() (see there), each line naming its "allocator".
+default allocator, then after tune_glibc_malloc() (see there), each line naming its "allocator";
+those in ONCE (and, with --quick, linear_cache) run under the first setting only.
 
 linear_cache: evaluate.py's `linear` protocol (issue 8) with the training features extracted once
 (`--cache`, the default) against re-encoding the training clips every epoch (`--no_cache`, the
 official loop), same settings, same checkpoint, same seed. A small USDRL checkpoint is pre-trained
-once per process in a temp folder (`usdrl.py --epochs 1 --hidden 32` on the synthetic data: the
-"tiny" size, 120/120 clips, with --quick; the default size otherwise); both sides then run
-evaluate.linear_eval in-process, so the time is the protocol itself (feature extraction, head
-training, test passes), not interpreter start-up or checkpoint loading. Both use USDRL's full
-protocol (160 epochs, lr 0.006, batch 512, steps 120/140, centre crop 1.0; the synthetic quick
-protocol's eval every 10 epochs). The warm-up is a 2-epoch run of each side (a full re-encoding
-warm-up would double the cost); then 1 (--quick) or min(--repeats, 3) interleaved timed runs. On
-this shared 2-core CPU that is about 25 s per allocator with --quick and about 10 min per allocator
-without it (1200/1200 clips; `--allocator glibc_default` halves it). The
-cached line carries both top-1/top-5 (they must be equal: `same_accuracy`) and
-`speedup_cached_vs_reencode` (target >= 20 on CPU; the summary counts it as met only with equal
-accuracy).
+once per process in a temp folder (usdrl.main in-process with `--epochs 1 --hidden 32` on the
+synthetic data: the "tiny" size, 120/120 clips, with --quick; the default size otherwise); both
+sides then run evaluate.linear_eval in-process, so the time is the protocol itself (feature
+extraction, head training, test passes), not interpreter start-up or checkpoint loading. Both use
+USDRL's full protocol (160 epochs, lr 0.006, batch 512, steps 120/140, centre crop 1.0; the
+synthetic quick protocol's eval every 10 epochs). The warm-up is a 2-epoch run of each side (a full
+re-encoding warm-up would double the cost); then 1 (--quick) or min(--repeats, 3) interleaved timed
+runs. On this shared 2-core CPU that is about 15 s with --quick (run once, under the first allocator
+setting: the re-encoding side alone takes ~12 s, the tiny data and the pre-training ~2 s) and about
+10 min per allocator without it (1200/1200 clips; `--allocator glibc_default` halves it). The cached
+line carries both top-1/top-5 (they must be equal: `same_accuracy`) and `speedup_cached_vs_reencode`
+(target >= 20 on CPU; the summary counts it as met only with equal accuracy).
 
 pcm3pp_gru: the PCM3++ encoder (input BN + 3-layer BIGRU, hidden 1024; issue 6) forward + backward
 at the paper config (batch 8, 64 frames; 16 frames with --quick) in pcm3pp's whole-sequence form
@@ -48,10 +49,11 @@ train: per method (--methods), one optimizer step exactly as its script's loop d
 from raw clips + forward + loss + backward + optimizer step + momentum update / enqueue: the *_step
 functions below; the optimizers run at lr 0, see build_state), in two configs: "quick" =
 Args(dataset="synthetic", **QUICK) at its own batch on 150-frame raw clips (the synthetic data),
-and "paper" = the Args defaults on 300-frame raw clips (stored NTU) at --paper_batch (8, 2 with
---quick, at least a method's minimum: 3 for PCM3++), since a CPU cannot run the paper batches in
-reasonable time. Lines with "measure": "step": samples/s of the median of --repeats steps after the
-first (paper config: min(--repeats, 3); with --quick the first step itself, "timed" says so),
+and "paper" = the Args defaults on 300-frame raw clips (stored NTU) at --paper_batch (8, at least a
+method's minimum: 3 for PCM3++), since a CPU cannot run the paper batches in reasonable time. With
+--quick only the quick config's steps run: the paper config's first steps alone (batch 2-3, PCM3++
+~20 s of them) took ~40 s of the ~105 s a --quick run took with them. Lines with "measure": "step":
+samples/s of the median of --repeats steps after the first (paper config: min(--repeats, 3)),
 "first_step_s" = wall time from Model(args) (+ .to(device), optimizer) to the end of the first
 step, and "peak_mem_mb" over that whole window: on CUDA torch.cuda.max_memory_allocated minus the
 allocation at the start, on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after
@@ -70,11 +72,12 @@ than the port). Both train and official_step run once per process (under the fir
 setting: the scripts never tune malloc). A plain --quick run leaves official_step out (NOT_IN_QUICK;
 name it with --only): even at the smallest batches it takes minutes on CPU.
 
-Wall times measured on the shared 2-core CPU (one thread, load average 3-4): a plain --quick run
-~1.5 min (train ~1 min, linear_cache ~30 s); --only train,official_step --quick ~4.5 min
-(official_step ~3.3 min, ~2 of them PCM3's port at ~50 s a step); without --quick, official_step
-at batch 8 took ~3 min for USDRL and ~1 min each for SCD-Net and MCC (PCM3++: not measured,
-roughly 10 min expected from batch 3).
+Wall times measured on the shared 2-core CPU (one thread): a plain --quick run 44-49 s (three runs
+at load average 2.6-2.9; "bench_wall_s": train 17-19 s, linear_cache 14-16 s, pcm3pp_gru 6-7 s,
+usdrl_views ~2 s, plus ~4 s of start-up and exit); official_step with --quick ~3.3 min (load average
+3-4; ~2 of them PCM3's port at ~50 s a step); without --quick, official_step at batch 8 took ~3 min
+for USDRL and ~1 min each for SCD-Net and MCC (PCM3++: not measured, roughly 10 min expected from
+batch 3).
 
 The last line ({"what": "summary", ...}) repeats every speedup of the run, per benchmark (and
 method) and allocator, next to its target, so the result of the comparison reads off one line; it
@@ -85,17 +88,17 @@ import atexit
 import copy
 import ctypes
 import gc
+import io
 import json
 import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,13 +267,17 @@ def _linear_checkpoint(quick):
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         data_prep.prepare_synthetic(tmp / "data", "synthetic", size="tiny" if quick else "default",
                                     seed=0, quiet=True)
-        cmd = [sys.executable, str(ROOT / "usdrl.py"), "--dataset", "synthetic", "--data_dir",
-               str(tmp / "data"), "--out_dir", str(tmp / "usdrl"), "--epochs", "1", "--hidden", "32",
-               "--device", "cpu", "--seed", "0"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"pre-training the benchmark checkpoint failed:\n{r.stderr[-2000:]}")
+        argv = ["--dataset", "synthetic", "--data_dir", str(tmp / "data"), "--out_dir",
+                str(tmp / "usdrl"), "--epochs", "1", "--hidden", "32", "--device", "cpu", "--seed", "0"]
+        # In-process (a `python usdrl.py` subprocess spent ~3.5 of its ~4.5 s importing torch); its
+        # log and progress bar are kept off the JSON lines and shown only if it fails.
+        out = io.StringIO()
+        try:
+            with redirect_stdout(out), redirect_stderr(out):
+                usdrl.main(argv)
+        except Exception as e:
+            raise RuntimeError("pre-training the benchmark checkpoint failed:\n"
+                               + out.getvalue()[-2000:]) from e
         _LINEAR_CKPT[quick] = (tmp / "data", tmp / "usdrl" / "last.pt")
     return _LINEAR_CKPT[quick]
 
@@ -720,20 +727,16 @@ def _views_record(name, config, batch, dev, opts):
 
 
 def _step_record(name, config, batch, dev, dtype, compile, repeats, opts):
-    """Training samples/s (median of `repeats` steps after the first; repeats 0: the first step
-    itself), time to first step (wall from Model(args) to the end of the first optimizer step) and
-    peak memory over the whole window."""
+    """Training samples/s (median of `repeats` steps after the first), time to first step (wall from
+    Model(args) to the end of the first optimizer step) and peak memory over the whole window."""
     x, nf = device_batch(batch, RAW_FRAMES[config], dev)
     a = method_args(name, config, batch, dtype, compile, dev)
     step, sync = METHODS[name].step, _sync_fn(dev)
     _free(dev)
     mem0 = mem_start(dev)
     build_s, _, s = clock(lambda: build_state(name, a, dev), sync)
-    step_s, step_cpu, loss = clock(lambda: step(s, x, nf), sync)
-    if repeats:
-        (med, cpu, times), = timed([lambda: step(s, x, nf)], repeats, sync, warmup=False)
-    else:
-        med, cpu, times = step_s, step_cpu, [step_s]
+    step_s, _, loss = clock(lambda: step(s, x, nf), sync)
+    (med, cpu, times), = timed([lambda: step(s, x, nf)], repeats, sync, warmup=False)
     peak = mem_peak_mb(dev, mem0)
     rec = {"what": "train", "config": {"method": name, "measure": "step", "config": config,
                                         "batch": batch, "raw_frames": RAW_FRAMES[config],
@@ -743,8 +746,6 @@ def _step_record(name, config, batch, dev, dtype, compile, repeats, opts):
            "times_s": [round(t, 4) for t in times], "first_step_s": round(build_s + step_s, 3),
            "build_s": round(build_s, 3), "peak_mem_mb": peak, "peak_mem": mem0[1],
            "params": common.count_params(s.model), "first_loss": round(float(loss), 5)}
-    if not repeats:
-        rec["timed"] = "the first step (no warm-up)"
     if dev.type == "cpu":
         rec["cpu_median_s"] = round(cpu, 4)
     del s
@@ -753,20 +754,20 @@ def _step_record(name, config, batch, dev, dtype, compile, repeats, opts):
 
 
 def bench_train(opts):
-    """Per method: the data pipeline (views only) and full training steps at the quick-start config
-    (its own batch, 150-frame raw clips) and at the paper config (--paper_batch, 300-frame clips)."""
+    """Per method: the data pipeline (views only) at both configs, and full training steps at the
+    quick-start config (its own batch, 150-frame raw clips) and, without --quick (see the module
+    docstring), at the paper config (--paper_batch, 300-frame clips)."""
     dev = torch.device(opts.device)
     for name in opts.methods:
         for config in ("quick", "paper"):
             batch = method_args(name, config).batch_size  # views: the config's own batch
             yield _views_record(name, config, batch, dev, opts)
         for dtype, compile in _variants(dev):
-            for config in ("quick", "paper"):
-                if config == "quick":
-                    batch, repeats = method_args(name, "quick").batch_size, opts.repeats
-                else:
-                    batch, repeats = _paper_batch(name, opts), 0 if opts.quick else min(opts.repeats, 3)
-                yield _step_record(name, config, batch, dev, dtype, compile, repeats, opts)
+            yield _step_record(name, "quick", method_args(name, "quick").batch_size, dev, dtype,
+                               compile, opts.repeats, opts)
+            if not opts.quick:
+                yield _step_record(name, "paper", _paper_batch(name, opts), dev, dtype, compile,
+                                   min(opts.repeats, 3), opts)
 
 
 def _snapshot(s):
@@ -842,6 +843,8 @@ NOT_IN_QUICK = {"official_step"}
 # Benchmarks that run once, under the first allocator setting of the run (glibc's default with
 # --allocator both): they time the training scripts as the scripts run, and no script tunes malloc.
 ONCE = {"pcm3pp_gru", "train", "official_step"}
+# With --quick linear_cache runs once too: its re-encoding side alone is ~12 s per run on the tiny data.
+ONCE_IN_QUICK = ONCE | {"linear_cache"}
 # The ratio each benchmark reports, and its target on CPU (issue 2: batched views >= 10x the
 # per-sample numpy pipeline; issue 8: linear with cached features >= 20x re-encoding every epoch;
 # training step at the paper config no slower than a port of the official forward pass; issue 6:
@@ -906,20 +909,22 @@ def summary(records, walls=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="fewer repeats, smaller data (see the module docstring for the times)")
+                   help="fewer repeats, smaller data, no paper-config training steps (see the module "
+                        "docstring for the times)")
     p.add_argument("--only", default="", help="comma-separated benchmark names: " + ", ".join(BENCHMARKS)
                    + " (default: all; with --quick all but " + ", ".join(sorted(NOT_IN_QUICK)) + ")")
     p.add_argument("--device", default="cpu", help="device of the batched implementations (usdrl_views, "
                    "linear_cache) and of the training steps (train, official_step)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 = one core for both sides, like one loader worker)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (9; 3 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (9; 2 with --quick)")
     p.add_argument("--allocator", default="both", choices=["glibc_default", "glibc_tuned", "both"],
                    help="CPU allocator setting: as the process starts, after tune_glibc_malloc(), or "
                         "both in turn (tuning cannot be undone inside a process, so it runs second)")
     p.add_argument("--paper_batch", type=int, default=None,
-                   help="batch of the paper-config training steps of train and official_step "
-                        "(8; 2 with --quick; 0 = each paper's own batch; raised to a method's minimum)")
+                   help="batch of the paper-config training steps of train (not run with --quick) and "
+                        "official_step (8; 2 with --quick; 0 = each paper's own batch; raised to a "
+                        "method's minimum)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods of train and official_step: " + ", ".join(METHODS))
     opts = p.parse_args(argv)
@@ -928,7 +933,7 @@ def main(argv=None):
         p.error(f"--methods {','.join(opts.methods)}: choose from {', '.join(METHODS)}")
     if opts.paper_batch is None:
         opts.paper_batch = 2 if opts.quick else 8
-    opts.repeats = opts.repeats or (3 if opts.quick else 9)
+    opts.repeats = opts.repeats or (2 if opts.quick else 9)
     torch.set_num_threads(opts.threads)
     names = ([n for n in opts.only.split(",") if n]
              or [n for n in BENCHMARKS if not (opts.quick and n in NOT_IN_QUICK)])
@@ -937,13 +942,14 @@ def main(argv=None):
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     modes = ["glibc_default", "glibc_tuned"] if opts.allocator == "both" else [opts.allocator]
     records, walls = [], {}
+    once = ONCE_IN_QUICK if opts.quick else ONCE
     for mode in modes:
         if mode == "glibc_tuned" and not tune_glibc_malloc():
             print(json.dumps({"note": "glibc mallopt unavailable; skipped glibc_tuned"}), flush=True)
             continue
         opts.allocator = mode
         for name in names:
-            if name in ONCE and mode != modes[0]:
+            if name in once and mode != modes[0]:
                 continue
             w0 = time.perf_counter()
             for rec in BENCHMARKS[name](opts):
