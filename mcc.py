@@ -29,7 +29,7 @@ contention made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREA
 10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) does NOT beat random init with this
 config (9.2 vs 9.6). Measured, seed 0, 1 thread: at lr 0.1 the triplet term stays at its margin
 (0.15: base, speed-changed and motion-broken clips embed within 0.03 of each other) and the conv
-weights grow 3-27x in norm (with --dropout 0; block 1 gcn 0.15 -> 4.0), which under BatchNorm
+weights grow 2-27x in norm (with --dropout 0; block 1 gcn 0.15 -> 4.0), which under BatchNorm
 divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels also cripples the random-init
 fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1, random init in parentheses):
 --dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet 0.15 -> 0.01): 14.8 (15.7) /
