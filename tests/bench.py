@@ -748,7 +748,7 @@ def _step_record(name, config, batch, dev, dtype, compile, repeats, opts):
            "params": common.count_params(s.model), "first_loss": round(float(loss), 5)}
     if dev.type == "cpu":
         rec["cpu_median_s"] = round(cpu, 4)
-    del s
+    s = None  # frees the model (`del` would trip pyflakes: lambdas capture s)
     _free(dev)
     return rec
 
@@ -828,7 +828,7 @@ def bench_official_step(opts):
         ours["speedup_vs_official_port"] = round(wp / wo, 2)
         if dev.type == "cpu":
             ours["cpu_time_speedup_vs_official_port"] = round(cp / co, 2)
-        del s
+        s = None  # frees the model (`del` would trip pyflakes: lambdas capture s)
         _free(dev)
         yield port
         yield ours
