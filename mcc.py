@@ -27,19 +27,20 @@ Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps): 226 s wall
 init 19.2 / 19.9 / 18.7. With the default 2 threads on a machine loaded by other jobs, OpenMP
 contention made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
 10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) does not reliably beat random init
-with this config (subset 0: 9.2 vs 9.6; mean of subsets 0-2: 11.7 vs 9.6, see the end of this
-paragraph). Measured, seed 0, 1 thread: at lr 0.1 the triplet term stays at its margin (0.15: base,
-speed-changed and motion-broken clips embed within 0.03 of each other) and the conv weights grow
-2-27x in norm (with --dropout 0; block 1 gcn 0.15 -> 4.0), which under BatchNorm divides their
-effective fine-tuning lr; dropout 0.5 on 8-32 channels also cripples the random-init fine-tune (9.6
--> 15.7 without it). Variants (semi 10% / kNN k=1, random init in parentheses): --dropout 0: 11.4
-(15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet 0.15 -> 0.01): 14.8 (15.7) / 21.0 (19.2); same,
-8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs, width 16: kNN 20.5 (22.4). --lr 0.02 with
-dropout 0.5, seeds 0 / 1: 11.7 (6.8: the other runs of this random init and subset gave 9.6; cause
-not found) / 15.9 (19.2) and 7.8 (9.9) / 17.5 (20.2). None adopted. Seed check of this config
-(training and evaluate.py --seed s): kNN k=1 21.3 (19.2), 17.3 (20.2), 15.9 (14.5) for seeds 0, 1,
-2; semi 10% of the seed-0 checkpoint on labelled subsets 0, 1, 2 (--seeds 0 1 2): 9.2, 14.8, 11.0
-(9.6, 10.0, 9.3).
+with this config (seed 0, subset 0: 9.2 vs 9.6; over 3 seeds x 3 subsets 11.5 vs 11.3, see the end
+of this paragraph). Measured, seed 0, 1 thread: at lr 0.1 the triplet term stays at its margin
+(0.15: base, speed-changed and motion-broken clips embed within 0.03 of each other) and the conv
+weights grow 2-27x in norm (with --dropout 0; block 1 gcn 0.15 -> 4.0), which under BatchNorm
+divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels also cripples the random-init
+fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1, random init in parentheses):
+--dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet 0.15 -> 0.01): 14.8 (15.7) /
+21.0 (19.2); same, 8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs, width 16: kNN 20.5 (22.4).
+--lr 0.02 with dropout 0.5, seeds 0 / 1: 11.7 (6.8: the other runs of this random init and subset
+gave 9.6; cause not found) / 15.9 (19.2) and 7.8 (9.9) / 17.5 (20.2). None adopted. Seed check of
+this config (training and evaluate.py --seed s): kNN k=1 21.3 (19.2), 17.3 (20.2), 15.9 (14.5) for
+seeds 0, 1, 2; semi 10%, labelled subsets 0, 1, 2 (--seeds 0 1 2): seed 0 9.2, 14.8, 11.0 (9.6,
+10.0, 9.3), seed 1 9.5, 9.0, 12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2, 12.7 (10.5, 12.4, 10.8);
+means 11.5 vs 11.3.
 """
 import math
 import time
