@@ -935,8 +935,10 @@ def main(argv=None):
         opts.paper_batch = 2 if opts.quick else 8
     if opts.repeats is not None and opts.repeats < 1:
         p.error(f"--repeats {opts.repeats}: must be >= 1")
-    if opts.paper_batch < 0 or opts.threads < 1:
-        p.error("--paper_batch must be >= 0 and --threads >= 1")
+    if opts.paper_batch < 0:
+        p.error(f"--paper_batch {opts.paper_batch}: must be >= 0")
+    if opts.threads < 1:
+        p.error(f"--threads {opts.threads}: must be >= 1")
     opts.repeats = opts.repeats or (2 if opts.quick else 9)
     torch.set_num_threads(opts.threads)
     names = ([n for n in opts.only.split(",") if n]
