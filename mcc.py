@@ -35,12 +35,11 @@ divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels also crippl
 fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1, random init in parentheses):
 --dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet 0.15 -> 0.01): 14.8 (15.7) /
 21.0 (19.2); same, 8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs, width 16: kNN 20.5 (22.4).
---lr 0.02 with dropout 0.5, seeds 0 / 1: 11.7 (6.8: the other runs of this random init and subset
-gave 9.6; cause not found) / 15.9 (19.2) and 7.8 (9.9) / 17.5 (20.2). None adopted. Seed check of
-this config (training and evaluate.py --seed s): kNN k=1 21.3 (19.2), 17.3 (20.2), 15.9 (14.5) for
-seeds 0, 1, 2; semi 10%, labelled subsets 0, 1, 2 (--seeds 0 1 2): seed 0 9.2, 14.8, 11.0 (9.6,
-10.0, 9.3), seed 1 9.5, 9.0, 12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2, 12.7 (10.5, 12.4, 10.8);
-means 11.5 vs 11.3.
+--lr 0.02 with dropout 0.5, seeds 0 / 1: 12.5 (9.6) / 15.9 (19.2) and 13.8 (16.0) / 17.5 (20.2).
+None adopted. Seed check of this config (training and evaluate.py --seed s): kNN k=1 21.3 (19.2),
+17.3 (20.2), 15.9 (14.5) for seeds 0, 1, 2; semi 10%, labelled subsets 0, 1, 2 (--seeds 0 1 2): seed
+0 9.2, 14.8, 11.0 (9.6, 10.0, 9.3), seed 1 9.5, 9.0, 12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2,
+12.7 (10.5, 12.4, 10.8); means 11.5 vs 11.3.
 """
 import math
 import time

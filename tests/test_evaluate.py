@@ -335,6 +335,9 @@ def test_every_task_end_to_end(method, runs, ckpts, eval_data):
     assert set(recs["knn"]["metrics"]) >= {"k1_top1", "k10_weighted_top1", "k20_weighted_top1"}
     semi = recs["semi"]["metrics"]
     assert len(semi["ratio_0.05"]["runs"]) == 2
+    # the headline is the first ratio's (--ratios before --ratio), and says so
+    assert semi["headline_ratio"] == 0.1
+    assert semi["top1_final_mean"] == semi["ratio_0.1"]["top1_final_mean"]
     assert semi["scheme"] == ("balanced" if method == "scd_net" else "global")
     # global: int(120 r); balanced: round(6 r) per class, at least 1 -> 20 for both ratios
     n = {"ratio_0.1": 12, "ratio_0.05": 6} if method != "scd_net" else \
