@@ -843,7 +843,7 @@ NOT_IN_QUICK = {"official_step"}
 # Benchmarks that run once, under the first allocator setting of the run (glibc's default with
 # --allocator both): they time the training scripts as the scripts run, and no script tunes malloc.
 ONCE = {"pcm3pp_gru", "train", "official_step"}
-# With --quick linear_cache runs once too: its re-encoding side alone is ~12 s per run on the tiny data.
+# With --quick linear_cache runs once too: its re-encoding side alone is ~12 s per run (tiny data).
 ONCE_IN_QUICK = ONCE | {"linear_cache"}
 # The ratio each benchmark reports, and its target on CPU (issue 2: batched views >= 10x the
 # per-sample numpy pipeline; issue 8: linear with cached features >= 20x re-encoding every epoch;
@@ -917,7 +917,8 @@ def main(argv=None):
                    "linear_cache) and of the training steps (train, official_step)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 = one core for both sides, like one loader worker)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (9; 2 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement (9; 2 with --quick)")
     p.add_argument("--allocator", default="both", choices=["glibc_default", "glibc_tuned", "both"],
                    help="CPU allocator setting: as the process starts, after tune_glibc_malloc(), or "
                         "both in turn (tuning cannot be undone inside a process, so it runs second)")
