@@ -809,7 +809,9 @@ class BatchLoader:
     concatenated in rank order equal the single-process batch. Only the first max(num_frame) frames
     of a batch are read (the crops never look further). With `on_device` the whole split is copied
     to the device once (optionally stored as float16) and batches are gathered there.
-    Pre-training loops pass `with_labels=False`: the third item of each batch is then None.
+    Pre-training loops pass `with_labels=False`: the third item of each batch is then None, or,
+    with `with_index=True`, the rows' int64 sample indices into the split (MCC keeps them with its
+    queued keys so that a query never meets a key of its own sequence).
     """
 
     def __init__(self, split: SkeletonSplit, batch_size: int, *, shuffle: bool = True,
@@ -817,7 +819,7 @@ class BatchLoader:
                  device: torch.device | str = "cpu", on_device: bool = False,
                  storage_dtype: torch.dtype = torch.float32, with_labels: bool = True,
                  max_frames: int | None = None, num_workers: int = 0,
-                 indices: np.ndarray | None = None):
+                 indices: np.ndarray | None = None, with_index: bool = False):
         if batch_size % world_size:
             raise UserError(f"--batch_size {batch_size} must be divisible by the number of "
                             f"processes ({world_size})")
@@ -825,6 +827,9 @@ class BatchLoader:
         self.seed, self.rank, self.world = seed, rank, world_size
         self.device = torch.device(device)
         self.with_labels, self.max_frames, self.num_workers = with_labels, max_frames, num_workers
+        if with_labels and with_index:
+            raise ValueError("BatchLoader: with_labels and with_index both claim the third item")
+        self.with_index = with_index
         self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
         if len(self.indices) == 0:
             raise UserError(f"{split.path}: no samples to load")
@@ -868,7 +873,7 @@ class BatchLoader:
             nf = self.res_num_frame[i]
             t = int(nf.max()) if self.max_frames is None else self.max_frames
             x = self.resident[i, :, :t].float()
-            return x, nf, self.res_labels[i] if self.with_labels else None
+            return x, nf, self.res_labels[i] if self.with_labels else i if self.with_index else None
         nf = self.num_frame[idx]
         t = min(int(nf.max()) if self.max_frames is None else self.max_frames,
                 self.split.data.shape[2])
@@ -878,8 +883,9 @@ class BatchLoader:
         x = torch.from_numpy(block)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        labels = self.labels[idx].to(self.device) if self.with_labels else None
-        return x, nf.to(self.device), labels
+        third = (self.labels[idx].to(self.device) if self.with_labels
+                 else torch.from_numpy(idx).to(self.device) if self.with_index else None)
+        return x, nf.to(self.device), third
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self._order()

@@ -7,9 +7,11 @@ Consistency and Continuity", ICCV 2021. No official code was released; the backb
 Pretext (per sequence, all on the device): three 32-frame clips with independent random starts at
 playback speeds r in {1, 2, 4, 8} (stride r, looping past the end): base b = S(r_i), positive
 p = S(r_j) with r_j != r_i, negative n = frame-shuffled S(r_i) ("motion-broken"). Losses (weights
-1/1/1): triplet max(0, 0.15 + d(b,p) - d(b,n)); InfoNCE of b against the momentum key of p and a
-queue of 65536 keys from earlier batches (tau 0.5); and interpolation: a decoder maps the encoder
-map of b and of p to 2x as many frames, target = stride r/2 frames (r = 1: the clip twice).
+1/1/1): triplet max(0, 0.15 + d(b,p) - d(b,n)); InfoNCE (tau 0.5) of b against the momentum key
+of p and a queue of 65536 keys from earlier batches, leaving out those of b's own sequence (the
+paper's negatives come "from other samples", and K exceeds NTU-60's 40k sequences); and
+interpolation: a decoder maps the encoder map of b and of p to 2x as many frames, target = stride
+r/2 frames (r = 1: the clip twice).
 
 Downstream: `Encoder(args)(x)` -> pooled 256-d ST-GCN feature; `dense(x)` -> the ST-GCN map pooled
 over joints and bodies, linearly upsampled to the input length. MCC's own protocol is fine-tuning
@@ -82,8 +84,9 @@ class Args:
     w_triplet: float = arg(1.0, "weight lambda_1 of the triplet loss")
     w_nce: float = arg(1.0, "weight lambda_2 of the InfoNCE loss")
     w_itep: float = arg(1.0, "weight lambda_3 of the interpolation loss")
-    decoder_lr_mult: float = arg(0.1, "lr multiplier of the interpolation decoder (SPEC 5 decision: "
-                                 "at width 64 and lr 0.1 its read-out diverges within 3 steps)")
+    decoder_lr_mult: float = arg(0.1, "lr multiplier of the interpolation decoder (ours, not the "
+                                 "paper's: our SPEC-5 decoder's read-out diverges within 3 steps at "
+                                 "width 64 and lr 0.1, see param_groups)")
     base_width: int = arg(64, "ST-GCN width: blocks are w x4, 2w x3, 4w x3 (paper 64)")
     dropout: float = arg(0.5, "dropout of ST-GCN blocks 2-10 (ST-GCN NTU config)")
     window: int = arg(64, "frames per clip the encoder takes downstream (evaluate.py's crop)")
@@ -244,6 +247,10 @@ class Model(nn.Module):
         queue = F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Sample index of each queued key (-1: an initial random vector). The paper draws the
+        # negatives "from other samples"; K (65536) exceeds NTU-60 xsub (40k) and PKU-MMD II (5k)
+        # training sets, so without this the queue would hold keys of the query's own sequence.
+        self.register_buffer("queue_ids", torch.full((args.queue_size,), -1, dtype=torch.long))
 
     def forward(self, clips, keys):
         """clips (3B, C, L, V, M) = [base; positive; negative], keys (B, C, L, V, M) = positive.
@@ -265,23 +272,28 @@ class Model(nn.Module):
         torch._foreach_add_(keys, queries, alpha=1 - mom)
 
     @torch.no_grad()
-    def enqueue(self, keys):  # keys (B_global, P), in rank order
+    def enqueue(self, keys, ids):  # keys (B_global, P), ids (B_global,) sample indices, rank order
         idx = (self.queue_ptr + torch.arange(keys.size(0), device=keys.device)) % self.queue.size(0)
         self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ids[idx] = ids.to(self.queue_ids.device)
         self.queue_ptr.copy_((self.queue_ptr + keys.size(0)) % self.queue.size(0))
 
 
 # ------------------------------------------------------------------------------------------ loss
-def mcc_losses(z, k, queue, rec, target, margin, tau):
+def mcc_losses(z, k, queue, rec, target, margin, tau, own=None):
     """z (3B, P) unit embeddings of [b; p; n], k (B, P) unit keys of p, queue (K, P), rec/target
-    (2B, 3, T', V, M). Returns the three loss terms in fp32."""
+    (2B, 3, T', V, M), own (B, K) bool or None: queued keys of the query's own sequence, left out
+    of its negatives. Returns the three loss terms in fp32."""
     zb, zp, zn = z.float().chunk(3)
     # Eq. 1 with the standard sign (SPEC 5): pull the positive, push the motion-broken clip
     d_pos, d_neg = (zb - zp).norm(dim=1), (zb - zn).norm(dim=1)
     triplet = F.relu(margin + d_pos - d_neg).mean()
     # Eq. 2 with cosine similarity in place of the printed distance (sign fix, SPEC 5)
     l_pos = (zb * k.float()).sum(dim=1, keepdim=True)
-    logits = torch.cat([l_pos, zb @ queue.float().t()], dim=1) / tau
+    l_neg = zb @ queue.float().t()                                              # (B, K)
+    if own is not None:
+        l_neg = l_neg.masked_fill(own, float("-inf"))
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau
     nce = F.cross_entropy(logits, torch.zeros(zb.size(0), dtype=torch.long, device=z.device))
     # Eq. 3: squared error summed over xyz, averaged over joints, frames (and bodies, samples)
     itep = (rec.float() - target.float()).pow(2).sum(dim=1).mean()
@@ -345,13 +357,16 @@ def param_groups(model, args):
 def check_args(args):
     if args.modality not in ("joint", "bone", "motion"):
         raise common.UserError(f"--modality {args.modality!r}: expected joint, bone or motion")
-    if len(args.speeds) < 2 or min(args.speeds) < 1:
-        raise common.UserError(f"--speeds {args.speeds}: need at least two positive speeds")
-    if any(r != 1 and r % args.interp_rate for r in args.speeds) or args.interp_rate < 1:
+    if len(set(args.speeds)) < len(args.speeds) or len(args.speeds) < 2 or min(args.speeds) < 1:
+        raise common.UserError(f"--speeds {args.speeds}: need at least two distinct positive "
+                               f"speeds (the positive's speed differs from the base's)")
+    if args.interp_rate < 1 or any(r != 1 and r % args.interp_rate for r in args.speeds):
         raise common.UserError(f"--speeds {args.speeds}: each must be 1 or a multiple of "
                                f"--interp_rate {args.interp_rate} (target stride r / l)")
     if args.clip_len < 2 or args.window < 1 or args.base_width < 1:
         raise common.UserError("--clip_len must be >= 2, --window and --base_width >= 1")
+    if args.tau <= 0 or args.margin < 0:
+        raise common.UserError(f"--tau {args.tau} must be > 0 and --margin {args.margin} >= 0")
     if args.decoder_lr_mult < 0:
         raise common.UserError(f"--decoder_lr_mult {args.decoder_lr_mult}: must be >= 0")
     if args.queue_size < args.batch_size:
@@ -372,7 +387,7 @@ def main(argv=None):
     loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True,
                                 seed=args.seed, rank=rank, world_size=world, device=dev,
                                 on_device=args.data_on_device, with_labels=False,
-                                num_workers=args.num_workers)
+                                with_index=True, num_workers=args.num_workers)
     common.seed_everything(args.seed, args.deterministic)  # identical initial weights on all ranks
     model = Model(args).to(dev)
     opt = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
@@ -424,19 +439,21 @@ def main(argv=None):
         common.set_lr(opt, lr)
         model.train()
         sums = torch.zeros(4, device=dev)
-        for x, num_frame, _ in loader:
+        for x, num_frame, ids in loader:
             base, pos, neg, target, _ = make_views(x, num_frame, g, args, rank, world)
             model.momentum_update(args.key_momentum)
             with common.autocast(dev, args.dtype):
                 z, rec, k = net(torch.cat([base, pos, neg]), pos)
-            terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau)
+            own = model.queue_ids[None] == ids[:, None]                          # (B, K)
+            terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau, own)
             loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
                     + args.w_itep * terms["itep"])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            model.enqueue(common.gather_nograd(k.detach().float()))  # keys of the global batch
+            # keys of the global batch, with their sample indices
+            model.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
             step, steps_run = step + 1, steps_run + 1
             sums += torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
             if step % args.log_every == 0:

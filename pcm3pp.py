@@ -22,14 +22,18 @@ Commands (--batch_size is the GLOBAL batch in every case):
   CPU quick:  python pcm3pp.py --dataset synthetic   (QUICK config below, a few minutes on 2 cores)
   resume:     add --resume (continues from <out_dir>/last.pt, stage one or post-distillation)
   bone/motion stream: --modality bone --no_prompt (the official PCM3_woprompt variant)
-  post-distillation only, from a finished stage-one checkpoint (e.g. one trained with
-  --post_distill_epochs 0):  python pcm3pp.py --post_distill_from out/a/last.pt --out_dir out/b
+  post-distillation only, from a finished stage-one checkpoint (stage1.pt, which a run with
+  post-distillation keeps beside last.pt, or last.pt of a --post_distill_epochs 0 run):
+              python pcm3pp.py --post_distill_from out/a/stage1.pt --out_dir out/b
 
 Decisions (our reading where the survey is silent): the clip window is drawn per sample, the clip gets
 the base prompt and weight 1, its distillation target is k; post-distillation continues the queue, the
 key momentum and the SGD state at the constant final lr, keeps all five distillation terms and the
 reconstruction; with --no_prompt no distillation term enters stage one (as PCM3_woprompt). Mixing acts
-on the modality-converted view. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
+on the modality-converted view. As in the official code, the input prompts (and mp_prompt) are
+constant per-channel offsets added before a batch-statistics BatchNorm, which subtracts them again:
+their gradients are ~0 (only cl_prompt, added after the GRU, learns); they only shift the BN running
+statistics. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
 official DDP path; it equals the official single-GPU run) instead of shuffle-BN.
 
 Official checkpoints: Encoder's state_dict keys are exactly the official `encoder_q.*` keys with the
@@ -456,8 +460,12 @@ def add_batch_params(views: dict, a: Args, g_shared: torch.Generator, rank: int)
 
 # ------------------------------------------------------------------------------------------ main
 def _check(a: Args):
-    if a.prompt_dim // 2 >= a.hidden or a.prompt_dim < 2:
-        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be in [2, 2 * --hidden)")
+    if a.prompt_dim // 2 >= a.hidden or a.prompt_dim < 2 or a.prompt_dim % 2:
+        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be even and in [2, 2 * --hidden) "
+                               f"(two halves, one per GRU direction)")
+    if a.mask_chunks < 1 or a.queue_size < a.batch_size:
+        raise common.UserError(f"--mask_chunks {a.mask_chunks} must be >= 1 and --queue_size "
+                               f"{a.queue_size} >= --batch_size {a.batch_size}")
     lo, hi = a.clip_len if len(a.clip_len) == 2 else (0, 0)
     if not 1 <= lo <= hi <= a.window:
         raise common.UserError(f"--clip_len {a.clip_len}: expected MIN MAX with 1 <= MIN <= MAX <= "
@@ -518,6 +526,11 @@ def train(args: Args, d):
     if args.post_distill_from:
         # Only post-distillation: the stage-one checkpoint fixes where it starts and its lr.
         src = common.load_checkpoint(args.post_distill_from, METHOD)
+        if src["epoch"] != src["args"]["epochs"]:  # its lr schedule would not have ended
+            raise common.UserError(
+                f"--post_distill_from {args.post_distill_from}: saved at epoch {src['epoch']}, not "
+                f"at the end of its stage one ({src['args']['epochs']} epochs); use a finished "
+                f"stage-one checkpoint (stage1.pt, or last.pt of a --post_distill_epochs 0 run)")
         args.epochs = src["epoch"]
         final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
         if not args.resume:  # continue stage one's model, queue and SGD state (momentum buffers)
@@ -593,12 +606,15 @@ def train(args: Args, d):
         bar.set_postfix(loss=f"{metrics['loss']:.4g}")
         last = epoch + 1 in (args.epochs, total)
         if d.is_main and ((epoch + 1) % args.save_every == 0 or last):
-            common.save_checkpoint({
+            ckpt = {
                 "method": METHOD, "args": common.args_to_dict(args),
                 "encoder": model.encoder.state_dict(), "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                 "step": step, "rng": common.rng_state(g, g_shared), "dataset": args.dataset,
-                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}, ckpt_path)
+                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}
+            common.save_checkpoint(ckpt, ckpt_path)
+            if epoch + 1 == args.epochs < total:  # post-distillation overwrites last.pt: keep the
+                common.save_checkpoint(ckpt, out_dir / "stage1.pt")  # "w/o post-distill" model
     bar.close()
     log.info(f"done: {ckpt_path}")
 

@@ -141,16 +141,53 @@ def test_losses_against_direct_computation():
     z2 = z.clone()
     z2[B:2 * B], z2[2 * B:] = z[:B], -z[:B]
     assert mcc.mcc_losses(z2, k, queue, rec, target, margin, tau)["triplet"].item() == 0
+    # queued keys of a query's own sequence are not its negatives: masking entry j of query i
+    # equals the same loss over the queue without entry j
+    own = torch.zeros(B, K, dtype=torch.bool)
+    own[0, 2] = own[0, 5] = own[3, 0] = True
+    masked = mcc.mcc_losses(z, k, queue, rec, target, margin, tau, own)["nce"].item()
+    direct = 0.0
+    for i in range(B):
+        b = z[i].tolist()
+        s_pos = math.exp(sum(u * v for u, v in zip(b, k[i].tolist())) / tau)
+        s_neg = sum(math.exp(sum(u * v for u, v in zip(b, q)) / tau)
+                    for j, q in enumerate(queue.tolist()) if not own[i, j])
+        direct += -math.log(s_pos / (s_pos + s_neg)) / B
+    assert masked == pytest.approx(direct, rel=1e-5) and masked < out["nce"].item()
+
+
+def test_training_masks_queued_keys_of_the_same_sequence(tiny_data):
+    """With K larger than the split (the paper's 65536 against NTU-60's 40k), the queue holds keys
+    of the query's own sequence from earlier epochs: the loop's mask (queue_ids == ids) finds them."""
+    args = mcc.Args(dataset="synthetic", base_width=4, clip_len=8, batch_size=8, queue_size=128,
+                    proj_dim=8, window=16)
+    split = common.load_split(tiny_data, "synthetic", "xsub", "train")
+    assert len(split) == 120  # one epoch of keys fits in the queue of 128
+    loader = common.BatchLoader(split, 8, seed=0, with_labels=False, with_index=True)
+    model = mcc.Model(args)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for step, (x, _, ids) in enumerate(loader):
+            assert ids.dtype == torch.long and torch.equal(x, torch.from_numpy(
+                split.data[ids.numpy()][:, :, :x.shape[2]].copy()))
+            own = model.queue_ids[None] == ids[:, None]                  # (8, 128)
+            if epoch == 0:
+                assert not own.any()  # a sample's own key only enters the queue after its query
+            else:  # one earlier key per sample, until the second epoch overwrites the first's
+                assert own.sum(1).le(1).all() and (step > 0 or own.sum(1).eq(1).all())
+            model.enqueue(F.normalize(torch.randn(8, 8), dim=1), ids)
 
 
 def test_queue_and_momentum_update():
     model = mcc.Model(mcc.Args(base_width=4, queue_size=6, proj_dim=3))
     keys = torch.arange(12, dtype=torch.float).view(4, 3)
-    model.enqueue(keys)
-    model.enqueue(keys + 100)  # wraps around: slots 4, 5, 0, 1
+    assert model.queue_ids.tolist() == [-1] * 6
+    model.enqueue(keys, torch.tensor([7, 8, 9, 10]))
+    model.enqueue(keys + 100, torch.tensor([20, 21, 22, 23]))  # wraps around: slots 4, 5, 0, 1
     assert model.queue_ptr.item() == 2
     assert torch.equal(model.queue[[4, 5, 0, 1]], keys + 100)
     assert torch.equal(model.queue[[2, 3]], keys[2:])
+    assert model.queue_ids.tolist() == [22, 23, 9, 10, 20, 21]
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
@@ -173,6 +210,10 @@ def test_end_to_end_resume_and_torchrun(tiny_data, tmp_path, run_py):
     assert bad.returncode != 0 and "no_such_flag" in bad.stderr
     bad = run_py(["mcc.py", *TINY, "--data_dir", tiny_data, "--speeds", "1", "3"], check=False)
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: --speeds")
+    for flags, name in ((["--speeds", "2", "2"], "--speeds"), (["--interp_rate", "0"], "--speeds"),
+                        (["--tau", "0"], "--tau")):
+        bad = run_py(["mcc.py", *TINY, "--data_dir", tiny_data, *flags], check=False)
+        assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith(f"error: {name}"), flags
     bad = run_py(["mcc.py", *TINY, "--data_dir", tiny_data, "--out_dir", tmp_path / "none",
                   "--resume"], check=False)  # nothing to resume from: an error, not a fresh run
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr.splitlines()[-1]
@@ -226,6 +267,10 @@ def test_end_to_end_resume_and_torchrun(tiny_data, tmp_path, run_py):
     q2 = _model_state(ddp / "last.pt")  # keys of step 1 come from identical key encoders
     torch.testing.assert_close(q2["queue"][:24], one_epoch["queue"][:24], rtol=1e-4, atol=1e-5)
     assert q2["queue_ptr"].item() == one_epoch["queue_ptr"].item() == 0
+    # every queued key carries its sample index (one epoch of 120 sequences fills the queue of
+    # 120 exactly once); the 2 ranks gather theirs in rank order, as the keys
+    assert sorted(one_epoch["queue_ids"].tolist()) == list(range(120))
+    assert torch.equal(q2["queue_ids"], one_epoch["queue_ids"])
 
 
 def _one_step_grads(data_dir, rank, world):
@@ -310,7 +355,7 @@ def test_paper_config_steps_stay_finite(tiny_data):
         opt.zero_grad()
         sum(terms.values()).backward()
         opt.step()
-        model.enqueue(k.detach())
+        model.enqueue(k.detach(), torch.arange(4 * step, 4 * step + 4))
         itep.append(terms["itep"].item())
     # measured with the multiplier: 0.63 2.29 3.85 0.75 0.40 (batch 4); with decoder_lr_mult 1:
     # 0.63 229 3206 9e7 5e20

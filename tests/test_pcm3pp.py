@@ -327,6 +327,11 @@ def test_cli_help_and_bad_flags(capsys):
         pcm3pp.main(["--clip_len", "40", "20"])
     with pytest.raises(common.UserError, match="--window"):
         pcm3pp.main(["--window", "32"])
+    with pytest.raises(common.UserError, match="--prompt_dim 9: must be even"):
+        pcm3pp.main(["--prompt_dim", "9"])
+    for flags in (["--mask_chunks", "0"], ["--queue_size", "64"]):
+        with pytest.raises(common.UserError, match="--mask_chunks .* --queue_size"):
+            pcm3pp.main(flags)
 
 
 def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path, run_py):
@@ -343,6 +348,12 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
     assert "resumed from" in proc.stdout
     a, b, c = (_state(d / "last.pt") for d in (full, part, post))
     assert stage1["epoch"] == 1 and a["method"] == "pcm3pp" and a["epoch"] == b["epoch"] == c["epoch"] == 2
+    # the full run keeps its stage-one model beside last.pt (the "w/o post-distillation" row)
+    kept = _state(full / "stage1.pt")
+    assert kept["epoch"] == 1 and all(torch.equal(kept["model"][k], v) for k, v in stage1["model"].items())
+    bad = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
+                  "--post_distill_from", full / "last.pt", "--out_dir", tmp_path / "bad"], check=False)
+    assert bad.returncode == 2 and "not at the end of its stage one" in bad.stderr.splitlines()[-1]
     assert a["step"] == b["step"] == c["step"] == 2 * stage1["step"] > 0
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

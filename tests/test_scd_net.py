@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import math
-import os
 import runpy
 import sys
 import textwrap
@@ -62,6 +61,28 @@ def test_encoder_shapes_and_dense():
     torch.testing.assert_close(dense[:, 5, 32:], zs.amax(1))
     with pytest.raises(ValueError):
         enc(torch.randn(1, 3, 20, 25, 2))
+
+
+def test_random_init_encoder_starts_where_pretraining_starts():
+    """The official builder xavier-initialises every 2-D parameter; that init lives in Encoder and
+    Branch, so evaluate.py's random-init baseline (Encoder alone) draws from the same distribution
+    as the query encoder pre-training starts from (PyTorch's Linear default has ~half the std)."""
+    args = tiny_args(gcn_channels=[8, 16, 8], hidden=128, ffn=128)
+    torch.manual_seed(0)
+    alone = scd_net.Encoder(args)
+    torch.manual_seed(1)
+    model = scd_net.Model(args)
+    two_d = [n for n, p in alone.named_parameters() if p.dim() == 2]
+    assert len(two_d) >= 8
+    for name in two_d:
+        p, q = alone.get_parameter(name), model.encoder.get_parameter(name)
+        fan_out, fan_in = p.shape
+        xavier_std = math.sqrt(2.0 / (fan_in + fan_out))
+        assert p.std().item() == pytest.approx(xavier_std, rel=0.1), name
+        assert q.std().item() == pytest.approx(xavier_std, rel=0.1), name
+    for proj in (model.query.t_proj, model.query.i_proj):
+        w = proj[0].weight
+        assert w.std().item() == pytest.approx(math.sqrt(2.0 / sum(w.shape)), rel=0.1)
 
 
 def _direct_infonce(u, v, queue, tau):
