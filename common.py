@@ -223,6 +223,13 @@ def make_scaler(device: torch.device, name: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, name) is torch.float16)
 
 
+def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore a GradScaler. A run without fp16 saves a disabled scaler's empty state; an fp16 run
+    resumed from it starts a fresh scaler (torch would raise on the empty dict)."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def step_lr(base_lr: float, epoch: int, milestones, gamma: float = 0.1) -> float:
     """Step schedule: the lr of `epoch` (0-based) after x`gamma` at each milestone reached."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
@@ -492,8 +499,9 @@ def set_rng_state(state: dict, *generators: torch.Generator) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many devices as both runs have
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
 

@@ -196,14 +196,18 @@ def _numbers(path, lines: list[str], per_line: int, lineno=lambda i: i + 1) -> n
     """Parse `lines`, each holding `per_line` numbers -> (len, per_line) float64. Fast path: one
     C-level parse of the joined block; on any mismatch find the offending line (`lineno(i)` is the
     1-based file line of lines[i]) and name it."""
+    # A "nan" after every line marks its end: a line one value short next to one a value long
+    # keeps the total count right but moves a marker off the last column.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            vals = np.fromstring(" ".join(lines), sep=" ")
+            vals = np.fromstring(" nan\n".join(lines) + " nan", sep=" ")
         except (ValueError, DeprecationWarning):
             vals = None
-    if vals is not None and vals.size == per_line * len(lines) and np.isfinite(vals).all():
-        return vals.reshape(len(lines), per_line)
+    if vals is not None and vals.size == (per_line + 1) * len(lines):
+        vals = vals.reshape(len(lines), per_line + 1)
+        if np.isnan(vals[:, -1]).all() and np.isfinite(vals[:, :-1]).all():
+            return vals[:, :-1]
     for i, line in enumerate(lines):
         tok = line.split()
         if len(tok) != per_line:
@@ -1281,6 +1285,18 @@ def _read_meta(folder: Path) -> dict | None:
         return None
 
 
+def _check_replaceable(target: Path, force: bool) -> None:
+    """Refuse (before any work) to replace a non-empty folder that data_prep.py did not write:
+    arrays prepared by other repos (bone/motion streams, other splits) may live there."""
+    try:
+        foreign = not force and _read_meta(target) is None and any(Path(target).iterdir())
+    except OSError:  # absent (or unreadable: the build reports it)
+        return
+    if foreign:
+        raise UserError(f"{target}: exists and was not written by data_prep.py (no {META}); move "
+                        f"it away or pass --force to replace the whole folder")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1367,6 +1383,8 @@ def prepare_synthetic(data_dir, dataset: str = "synthetic", size: str = "default
     if raw:
         metas[data_dir / f"{dataset}_raw"] = {**base, "dataset": f"{dataset}_raw"}
     todo = [t for t, m in metas.items() if force or _read_meta(t) != m]
+    for t in todo:
+        _check_replaceable(t, force)
     t0 = time.time()
     if todo:
         tmps = {t: _tmp_dir(t) for t in todo}
@@ -1435,6 +1453,7 @@ NTU_EXPECTED = {"ntu60": {"xsub/train": 40091, "xsub/val": 16487, "xview/train":
 MISSING_LISTS = ("samples_with_missing_skeletons.txt",
                  "NTU_RGBD_samples_with_missing_skeletons.txt",
                  "NTU_RGBD120_samples_with_missing_skeletons.txt")
+NTU_MISSING_COUNT = {"ntu60": 302, "ntu120": 535}  # samples on the official lists
 
 
 def ntu_fields(name: str) -> tuple[int, int, int, int, int] | None:
@@ -1575,6 +1594,11 @@ def prepare_ntu(raw_dirs: list, data_dir, dataset: str = "ntu60", z_align: bool 
             print(f"{target}: already prepared from the same {len(chosen)} files "
                   "(--force rebuilds)")
         return target
+    _check_replaceable(target, force)
+    if not missing and not quiet:
+        print(f"warning: no {' / '.join(MISSING_LISTS)} in or beside --raw_dir: only samples "
+              f"without any skeleton are dropped (the benchmark drops the listed "
+              f"{NTU_MISSING_COUNT[dataset]})")
     t0 = time.time()
 
     def fill(tmp: Path) -> None:
@@ -1660,6 +1684,8 @@ def prepare_pku(raw_dir, data_dir, dataset: str = "pku1", z_align: bool = True,
             print(f"{target}: already prepared from the same {len(videos)} videos "
                   "(--force rebuilds)")
         return target
+    for t in targets:
+        _check_replaceable(t, force)
     # pass 1: the label files (small) fix the list of clips, their labels and split membership
     names, labels, vid_of, rows_of = [], [], [], {}
     for v in videos:
@@ -1804,6 +1830,7 @@ def convert_npz(path, data_dir, dataset: str = "ntu60", split: str = "", force: 
         if not quiet:
             print(f"{target}: already converted from {path} (--force rebuilds)")
         return target
+    _check_replaceable(target, force)
 
     def fill(tmp: Path) -> None:
         for part, key in (("train", "train"), ("val", "test")):
@@ -1835,6 +1862,9 @@ def convert_npz(path, data_dir, dataset: str = "ntu60", split: str = "", force: 
             print(f"{path} -> {target}")
 
     _build(target, meta, fill)
+    # The dataset folder's record of a raw build no longer describes this split: drop it, so that
+    # a later raw build neither reports "already prepared" nor replaces this split unasked.
+    (target.parent / META).unlink(missing_ok=True)
     return target
 
 

@@ -52,11 +52,16 @@ Decisions (where the sources say nothing, protocols.md DECISIONs, SPEC 5):
     One epoch is one pass over the labelled subset; at least one sample is kept (per class, --balanced).
   * detection: windows of `window` frames taking every --det_stride-th raw frame; each window is
     pre-normalised on its own (per-frame spine-mid centring, then z/x alignment on its first frame:
-    the 2s-AGCN steps the trimmed data went through, without the frame padding step). The head has
+    the 2s-AGCN steps the trimmed data went through, without the frame padding step), then converted
+    to the checkpoint's modality (bone/motion checkpoints see bone/motion windows). The head has
     1 + num_classes outputs (0 = background, c = raw label c, as USDRL's 52-way head). Training:
     --det_windows random windows per video, every frame labelled (padding ignored); frozen: one seeded
-    set of windows whose features are cached. The model after the last epoch is reported (the
+    set of windows whose features are cached (the official loader draws new windows every epoch:
+    same number of steps, less window diversity). The model after the last epoch is reported (the
     official loop keeps the best test mAP).
+  * encoder passes run in fp32 by default (--dtype), as the official downstream scripts; USDRL's
+    PKU-MMD II linear run trains on the centre 50% of each clip (its config's l_ratio [0.5, 1] takes
+    the centre-crop branch, protocols.md 0) and tests on the whole clip.
   * few-shot: features L2-normalised after a signed square root (UniSiam's power norm), logistic
     regression = sklearn's multinomial L2 objective (C=1) solved by L-BFGS in torch, all episodes at once.
   * occlusion random protocol: per test sample r ~ U[0.3, 0.7]; spatial = round(5 r) of the five body
@@ -117,6 +122,9 @@ PROTOCOLS = {
 }
 # USDRL's dataset-specific linear learning rates (scripts/recog.sh).
 USDRL_LINEAR_LR = {("ntu60", "xview"): 0.03, ("pku2", "xsub"): 0.01, ("pku2", "xview"): 0.01}
+# Its pku_v2 config trains with l_ratio [0.5, 1.0], which takes the deterministic centre-crop branch
+# with r = 0.5 (protocols.md 0 PITFALL); the test crop stays the whole sequence.
+USDRL_LINEAR_PKU2_TRAIN_CROP = "center:0.5"
 # Simple-Skeleton-Detection: linear_eval/detection.yaml and finetune/xsub_joint_downsample.yaml.
 DETECTION = dict(lr=0.01, batch_size=64, epochs=60, milestones=[40], momentum=0.9, weight_decay=0.0,
                  nesterov=True)
@@ -151,7 +159,8 @@ class Args:
     results: str | None = arg(None, "JSONL file the results are appended to "
                               "(default <checkpoint folder>/results.jsonl)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1 ...")
-    dtype: str = arg("auto", "autocast for encoder passes: auto (bf16 on CUDA), fp32, bf16, fp16")
+    dtype: str = arg("fp32", "autocast for encoder passes: fp32 (as the official downstream "
+                     "scripts), bf16, fp16, auto (bf16 on CUDA)")
     seed: int = arg(0, "seed of heads, shuffling, crops and random-init baselines")
     num_workers: int = arg(0, "background threads reading batches from the memory map")
     eval_batch: int = arg(256, "batch size of feature extraction / test passes")
@@ -322,12 +331,26 @@ def protocol(args, ld: Loaded, kind: str, dataset: str, split: str) -> dict:
     p = dict(PROTOCOLS[ld.method][kind])
     if kind == "linear" and ld.method == "usdrl":
         p["lr"] = USDRL_LINEAR_LR.get((dataset, split), p["lr"])
+        if dataset == "pku2":
+            p["train_crop"] = USDRL_LINEAR_PKU2_TRAIN_CROP
     for k in p:
         v = getattr(args, k, None)
         if v is not None:
             p[k] = list(v) if isinstance(v, tuple) else v
     p["train_crop_parsed"] = parse_crop(p["train_crop"], "train_crop")
     p["test_crop_parsed"] = parse_crop(p["test_crop"], "test_crop")
+    return check_protocol(p)
+
+
+def check_protocol(p: dict) -> dict:
+    """One error line for values no run can use, before any work (not a traceback mid-run)."""
+    for k in ("epochs", "batch_size", "eval_every"):
+        if k in p and p[k] < 1:
+            raise UserError(f"--{k} {p[k]}: must be >= 1")
+    if p["lr"] <= 0 or p["weight_decay"] < 0 or p["momentum"] < 0 or (
+            p["nesterov"] and p["momentum"] <= 0):
+        raise UserError(f"--lr {p['lr']} must be > 0, --weight_decay {p['weight_decay']} and "
+                        f"--momentum {p['momentum']} >= 0 (> 0 with Nesterov)")
     return p
 
 
@@ -707,13 +730,18 @@ def load_untrimmed(data_dir, dataset, part) -> Untrimmed:
         raise UserError(f"{d}: {part} arrays disagree: data {data.shape}, label {labels.shape}, "
                         f"{len(nf)} num_frame, {len(videos)} video names")
     nf = np.clip(nf, 1, data.shape[1])
+    common.check_finite(data, files["data.npy"])
     gts = []
     for i, v in enumerate(videos):
         f = d / f"{part}_gt" / f"{v}.txt"
         if f.exists():
-            for line in f.read_text().splitlines():
+            for k, line in enumerate(f.read_text().splitlines(), 1):
                 if line.strip():
-                    lab, s, e = (int(float(t)) for t in line.replace(" ", "").split(",")[:3])
+                    try:
+                        lab, s, e = (int(float(t)) for t in line.replace(" ", "").split(",")[:3])
+                    except ValueError:
+                        raise UserError(f"{f}:{k}: expected label,start,end[,confidence], got "
+                                        f"{line.strip()!r}") from None
                     gts.append((lab, s, e, 1.0, v))
         else:  # no label file: runs of the frame labels
             lab = np.asarray(labels[i, :nf[i]]).astype(np.int64)
@@ -766,11 +794,12 @@ def window_frames(start: int, window: int, stride: int, length: int) -> np.ndarr
     return np.minimum(start + np.arange(window) * stride, length - 1)
 
 
-def gather_windows(video: np.ndarray, starts, window, stride, length, z_align, device):
-    """video (Tmax, 25, 3, 2) raw -> (n, 3, window, 25, 2) normalised float tensor."""
+def gather_windows(video: np.ndarray, starts, window, stride, length, z_align, device,
+                   modality="joint"):
+    """video (Tmax, 25, 3, 2) raw -> (n, 3, window, 25, 2) normalised windows of the modality."""
     idx = np.stack([window_frames(s, window, stride, length) for s in starts])
     x = torch.from_numpy(np.asarray(video[:length])[idx].astype(np.float32))  # (n, W, 25, 3, 2)
-    return prenormalize(x.permute(0, 3, 1, 2, 4).to(device), z_align)
+    return common.to_modality(prenormalize(x.permute(0, 3, 1, 2, 4).to(device), z_align), modality)
 
 
 def frame_targets(labels: np.ndarray, starts, window, stride, length) -> torch.Tensor:
@@ -802,7 +831,7 @@ def detection_protocol(args) -> dict:
     for k in ("lr", "batch_size", "epochs", "milestones", "weight_decay", "momentum", "nesterov"):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
-    return p
+    return check_protocol(p)
 
 
 def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> dict:
@@ -810,6 +839,11 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
     train, test = load_untrimmed(data_dir, dataset, "train"), load_untrimmed(data_dir, dataset, "val")
     C = UNTRIMMED[dataset][1] or max(
         max(g[0] for g in train.gts + test.gts), common.DATASETS["synthetic"][2])
+    for u in (train, test):  # frame labels: 0 background, raw label + 1, 255 ignored
+        lab = np.asarray(u.labels)
+        if ((lab > C + 1) & (lab != 255)).any():
+            raise UserError(f"{u.path}: frame labels up to {int(lab[lab != 255].max())}, but "
+                            f"{dataset} has {C} classes (stored as 2..{C + 1})")
     W, d = ld.margs.window, args.det_stride
     span = W * d
     p = detection_protocol(args)
@@ -827,7 +861,8 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         for i in sorted({w[0] for w in wins}):
             starts = [s for j, s in wins if j == i]
             L = int(train.num_frame[i])
-            xs.append(gather_windows(train.data[i], starts, W, d, L, args.det_z_align, device))
+            xs.append(gather_windows(train.data[i], starts, W, d, L, args.det_z_align, device,
+                                     ld.margs.modality))
             ys.append(frame_targets(train.labels[i], starts, W, d, L))
         return model_fn(torch.cat(xs)), torch.cat(ys).to(device)
 
@@ -887,7 +922,8 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         for s in range(0, len(starts), args.eval_batch):
             chunk = starts[s:s + args.eval_batch]
             with torch.no_grad(), common.autocast(device, args.dtype):
-                prob = model(gather_windows(test.data[i], chunk, W, d, L, args.det_z_align, device))
+                prob = model(gather_windows(test.data[i], chunk, W, d, L, args.det_z_align, device,
+                                            ld.margs.modality))
             prob = prob.float().softmax(-1).cpu().double()  # (n, W, 1 + C)
             for st, pw in zip(chunk, prob):
                 raw = st + np.arange(W * d)  # encoder frame t covers raw frames [st+td, st+(t+1)d)
@@ -1063,8 +1099,10 @@ def resolve_target(args, ld: Loaded, task: str) -> tuple[str, str]:
     if task == "detection":  # the untrimmed counterpart of a trimmed dataset name
         return {"synthetic": "synthetic_untrimmed", "synthetic_ext": "synthetic_untrimmed",
                 "ntu60": "pku1", "ntu120": "pku1"}.get(ds, ds), "xsub"
-    sp = args.split or ("xsetup" if (task == "fewshot" and ds == "ntu120") else
-                        ck_sp if ck_sp in common.DATASETS.get(ds, ("", ()))[1] else "xsub")
+    # transfer: protocols.md 4 reports PKU-MMD II cross-subject whatever the source split
+    sp = args.split or ("xsetup" if (task == "fewshot" and ds == "ntu120") else "xsub"
+                        if task == "transfer" or ck_sp not in common.DATASETS.get(ds, ("", ()))[1]
+                        else ck_sp)
     return ds, common.canonical_split(ds, sp)
 
 
@@ -1193,6 +1231,18 @@ def main(argv=None):
     if args.test_crop is not None and parse_crop(args.test_crop, "test_crop")[0] != "center":
         raise UserError(f"--test_crop {args.test_crop!r}: the test crop must be deterministic "
                         f"(center:<ratio>)")
+    positive = dict(eval_batch=args.eval_batch, det_stride=args.det_stride, det_hop=args.det_hop,
+                    det_windows=args.det_windows, n_query=args.n_query, episodes=args.episodes,
+                    knn_k=min(args.knn_k, default=0), shots=min(args.shots, default=0))
+    for k, v in positive.items():
+        if v < 1:
+            raise UserError(f"--{k} {v}: must be >= 1")
+    if args.n_way < 2 or not args.seeds:
+        raise UserError(f"--n_way {args.n_way} must be >= 2 and --seeds non-empty")
+    if not all(0 < r <= 1 for r in args.ratios + args.ratio):
+        raise UserError(f"--ratios {args.ratios + args.ratio}: labelled fractions in (0, 1]")
+    if len(args.occ_ratio) != 2 or not 0 <= args.occ_ratio[0] <= args.occ_ratio[1] <= 1:
+        raise UserError(f"--occ_ratio {args.occ_ratio}: expected two values 0 <= lo <= hi <= 1")
     lds = [load_ckpt(c) for c in args.ckpt]
     if str(args.dataset or lds[0].ckpt.get("dataset", lds[0].margs.dataset)).startswith("synthetic"):
         given = args.dataset  # the built-in data: the quick protocol for every flag not given

@@ -400,7 +400,7 @@ def main(argv=None):
         ckpt = common.load_checkpoint(ckpt_path, METHOD, map_location=dev)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        common.load_scaler(scaler, ckpt["scaler"])
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         common.set_rng_state(ckpt["rng"], g)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")

@@ -536,7 +536,7 @@ def train(args: Args, d):
         if not args.resume:  # continue stage one's model, queue and SGD state (momentum buffers)
             _load_into(model, src["model"], args.post_distill_from)
             opt.load_state_dict(src["optimizer"])
-            scaler.load_state_dict(src["scaler"])
+            common.load_scaler(scaler, src["scaler"])
             start_epoch, step = src["epoch"], src["step"]
             log.info(f"post-distillation from {args.post_distill_from} (epoch {src['epoch']}, "
                      f"lr {final_lr:.4g})")
@@ -544,7 +544,7 @@ def train(args: Args, d):
         ck = common.load_checkpoint(ckpt_path, METHOD)
         _load_into(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        common.load_scaler(scaler, ck["scaler"])
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
         common.set_rng_state(ck["rng"], g, g_shared)
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")

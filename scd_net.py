@@ -509,7 +509,7 @@ def _train(args: Args, split_name: str, d: common.Dist) -> None:
             raise common.UserError(f"{ckpt_path}: does not match the model of these flags "
                                    f"({str(e).splitlines()[0]})") from None
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        common.load_scaler(scaler, ck["scaler"])
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
         common.set_rng_state(ck["rng"], g)
         logger.info(f"resumed from {ckpt_path} at epoch {start_epoch} (step {step})")

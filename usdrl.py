@@ -373,8 +373,12 @@ def _check(args):
         raise common.UserError(f"--bodies {args.bodies}: the data holds 2 bodies; use 1 or 2")
     if args.views < 2:
         raise common.UserError(f"--views {args.views}: the loss needs at least 2 views")
-    if args.hidden % args.heads:
-        raise common.UserError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if args.hidden % args.heads or args.hidden % 2:
+        raise common.UserError(f"--hidden {args.hidden} must be even (sin/cos position pairs) and "
+                               f"divisible by --heads {args.heads}")
+    if not 0 <= args.drop_path < 1 or args.lr <= 0 or args.weight_decay < 0:
+        raise common.UserError(f"--drop_path {args.drop_path} must be in [0, 1), --lr {args.lr} > 0 "
+                               f"and --weight_decay {args.weight_decay} >= 0")
     common.canonical_split(args.dataset, args.split)
 
 
@@ -424,7 +428,7 @@ def train(args, d):
             raise common.UserError(f"{ckpt_path}: does not match this model configuration "
                                    f"({str(e).splitlines()[0]})") from None
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        common.load_scaler(scaler, ck["scaler"])
         start_epoch, step = ck["epoch"], ck["step"]
         common.set_rng_state(ck["rng"])
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")

@@ -355,3 +355,16 @@ def test_gather_with_grad_matches_single_process(tmp_path):
         torch.testing.assert_close(r["bn_grad"], bn_x.grad[rank * 4:(rank + 1) * 4])
         wgrads.append(r["bn_wgrad"])
     torch.testing.assert_close(wgrads[0] + wgrads[1], bn.weight.grad)
+
+
+def test_load_scaler_resumes_fp16_from_a_run_without_it():
+    """A bf16/fp32 run saves a disabled GradScaler's empty state; an fp16 resume starts fresh."""
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    on = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    with pytest.raises(RuntimeError):
+        on.load_state_dict(off.state_dict())  # what torch does without the helper
+    C.load_scaler(on, off.state_dict())
+    assert on.get_scale() == 8.0
+    on2 = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0)
+    C.load_scaler(on2, on.state_dict())
+    assert on2.get_scale() == 8.0

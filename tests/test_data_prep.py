@@ -189,6 +189,9 @@ def test_malformed_raw_files(tmp_path):
         "joints": ("\n".join(lines[:3] + ["24"] + lines[4:]), ":4: expected 25 joints, found 24"),
         "short": ("\n".join(lines[:10] + [" ".join(lines[10].split()[:7])] + lines[11:]),
                   ":11: expected 12 values, found 7"),
+        # one value too many, the next line one too few: the total count still fits
+        "shifted": ("\n".join(lines[:10] + [lines[10] + " 9.9", " ".join(lines[11].split()[:11])]
+                              + lines[12:]), ":11: expected 12 values, found 13"),
     }
     for name, (text, msg) in cases.items():
         bad = tmp_path / f"{name}.skeleton"
@@ -335,6 +338,36 @@ def test_prepare_ntu_bodies_empty_bad_and_missing_list(tmp_path):
     expect = D.pre_normalization(ref).transpose(0, 4, 2, 3, 1)
     assert np.array_equal(np.asarray(xs.data[[2, 1]]), expect)
     assert (np.asarray(xs.data[1, :, 3]) == 0).all() and (np.asarray(xs.data[1, :, 8]) != 0).any()
+
+    # A split converted from an .npz replaces a raw-built one only with force, and drops the raw
+    # build's record: a later raw build neither says "already prepared" nor replaces it unasked.
+    x, y = np.ones((2, 10, 150), dtype=np.float32), np.array([0, 1])
+    np.savez(tmp_path / "other.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(C.UserError, match="xview: exists and was not written by data_prep.py"):
+        D.convert_npz(tmp_path / "other.npz", tmp_path / "out", "ntu60", "xview", quiet=True)
+    D.convert_npz(tmp_path / "other.npz", tmp_path / "out", "ntu60", "xview", force=True, quiet=True)
+    with pytest.raises(C.UserError, match="AGCN: exists and was not written by data_prep.py"):
+        D.prepare_ntu([raw], tmp_path / "out", "ntu60", workers=1, quiet=True, skip_bad=True)
+    assert C.load_split(tmp_path / "out", "ntu60", "xview", "train").data.shape[2] == 10
+    assert C.load_split(tmp_path / "out", "ntu60", "xsub", "train").num_frame.tolist() == [5, 8, 6, 7, 9]
+
+
+def test_foreign_folders_are_kept_and_a_missing_list_is_reported(tmp_path, capsys):
+    """Arrays another repo prepared (here a bone stream) are never replaced without force."""
+    foreign = tmp_path / "data" / "NTU-RGB-D-60-AGCN" / "xsub"
+    foreign.mkdir(parents=True)
+    np.save(foreign / "train_data_bone.npy", np.zeros(3))
+    raw = tmp_path / "sub" / "nturgb+d_skeletons"  # no missing-skeleton list in or beside it
+    raw.mkdir(parents=True)
+    _one_skeleton(raw / "S001C001P001R001A001.skeleton", n_frames=4, bodies=1)
+    with pytest.raises(C.UserError, match="--force to replace"):
+        D.prepare_ntu([raw], tmp_path / "data", "ntu60", workers=1, quiet=True)
+    assert (foreign / "train_data_bone.npy").exists()
+    D.prepare_ntu([raw], tmp_path / "data", "ntu60", workers=1, force=True)
+    out = capsys.readouterr().out
+    assert "warning: no samples_with_missing_skeletons.txt" in out and "listed 302" in out
+    assert not (foreign / "train_data_bone.npy").exists()
+    assert C.load_split(tmp_path / "data", "ntu60", "xsub", "train").num_frame.tolist() == [4]
 
 
 def test_from_npz(tmp_path):

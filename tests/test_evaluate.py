@@ -398,6 +398,39 @@ def test_ensemble_and_cache_equivalence(ckpts, eval_data, tmp_path):
         assert a[k] == b[k]
 
 
+def test_detection_windows_take_the_modality_and_bad_untrimmed_files_fail(tiny_data, tmp_path):
+    u = ev.load_untrimmed(tiny_data, "synthetic_untrimmed", "train")
+    L = int(u.num_frame[0])
+    joint = ev.gather_windows(u.data[0], [0, 5], 16, 1, L, True, "cpu")
+    motion = ev.gather_windows(u.data[0], [0, 5], 16, 1, L, True, "cpu", "motion")
+    assert torch.equal(motion, common.to_modality(joint, "motion")) and not torch.equal(motion, joint)
+    import shutil
+    src = Path(tiny_data) / "synthetic_untrimmed" / "xsub"
+    bad = tmp_path / "synthetic_untrimmed" / "xsub"
+    shutil.copytree(src, bad)
+    gt = sorted((bad / "train_gt").iterdir())[0]
+    gt.write_text(gt.read_text() + "3,x,40,1\n")
+    with pytest.raises(common.UserError, match=rf"{gt.name}:\d+: expected label,start,end"):
+        ev.load_untrimmed(tmp_path, "synthetic_untrimmed", "train")
+    shutil.copy(src / "train_gt" / gt.name, gt)
+    data = np.load(src / "train_data.npy")
+    data[1, 3, 0, 0, 0] = np.nan
+    np.save(bad / "train_data.npy", data)
+    with pytest.raises(common.UserError, match="NaN or inf values .first in sample 1"):
+        ev.load_untrimmed(tmp_path, "synthetic_untrimmed", "train")
+
+
+def test_protocol_defaults_transfer_split_and_usdrl_pku2_crop():
+    args = common.parse_args(ev.Args, ["--ckpt", "x.pt"])
+    ld = ev.Loaded("x.pt", "usdrl", None, type("A", (), {"dataset": "ntu60", "split": "xview"})(),
+                   {"dataset": "ntu60", "split": "xview"})
+    assert ev.resolve_target(args, ld, "linear") == ("ntu60", "xview")
+    assert ev.resolve_target(args, ld, "transfer") == ("pku2", "xsub")  # protocols.md 4
+    assert ev.protocol(args, ld, "linear", "pku2", "xsub")["train_crop_parsed"] == ("center", 0.5)
+    assert ev.protocol(args, ld, "linear", "ntu60", "xview")["train_crop_parsed"] == ("center", 1.0)
+    assert args.dtype == "fp32"
+
+
 def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
     ck = torch.load(ckpts[METHODS[0]], weights_only=True)
     unknown = tmp_path / "unknown.pt"
@@ -415,6 +448,15 @@ def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
         ev.main(["--ckpt", str(unknown), "--test_crop", "random:0.5,1"])
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", str(unknown), "--no_such_flag"])
+    for flags, match in ((["--epochs", "0"], "--epochs 0: must be >= 1"),
+                         (["--eval_every", "0"], "--eval_every 0: must be >= 1"),
+                         (["--lr", "-1"], "--lr -1.0 must be > 0"),
+                         (["--det_hop", "0"], "--det_hop 0: must be >= 1"),
+                         (["--occ_ratio", "0.5"], "--occ_ratio .0.5.: expected two values")):
+        with pytest.raises(common.UserError, match=match):
+            ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--data_dir", eval_data, "--results",
+                     str(tmp_path / "r.jsonl"), *flags])
+    assert not (tmp_path / "r.jsonl").exists()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpts[METHODS[0]].read_bytes()[:5000])
     p = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(truncated)], cwd=ROOT,

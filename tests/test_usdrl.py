@@ -221,6 +221,11 @@ def test_cli_help_and_bad_flags(capsys):
     assert e.value.code == 2
     with pytest.raises(common.UserError, match="--views"):
         usdrl.main(["--views", "1"])
+    for flags, match in ((["--hidden", "15", "--heads", "1"], "--hidden 15 must be even"),
+                         (["--drop_path", "1.0"], "--drop_path 1.0 must be in"),
+                         (["--lr", "-1"], "--lr -1.0 > 0")):
+        with pytest.raises(common.UserError, match=match):
+            usdrl.main(flags)
 
 
 def test_train_resume_is_exact(tiny_data, tmp_path, run_py):
