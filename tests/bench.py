@@ -396,10 +396,13 @@ def mcc_step(s, x, nf):
     m.momentum_update(a.key_momentum)
     with common.autocast(s.dev, a.dtype):
         z, rec, k = s.net(torch.cat([base, pos, neg]), pos)
-    terms = mcc.mcc_losses(z, k, m.queue, rec, target, a.margin, a.tau)
+    ids = torch.arange(len(x), device=x.device) + getattr(s, "seen", 0)  # as the loader's indices
+    s.seen = getattr(s, "seen", 0) + len(x)
+    own = m.queue_ids[None] == ids[:, None]
+    terms = mcc.mcc_losses(z, k, m.queue, rec, target, a.margin, a.tau, own)
     loss = a.w_triplet * terms["triplet"] + a.w_nce * terms["nce"] + a.w_itep * terms["itep"]
     out = _backward_step(s, loss)
-    m.enqueue(common.gather_nograd(k.detach().float()))
+    m.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
     return out
 
 

@@ -1,0 +1,27 @@
+"""tests/bench.py is a benchmark, not a test, but it drives every method's training step through the
+scripts' own functions: this runs its quick training-step measurement once (no timing asserted) so
+that an API change in a method file cannot silently break the benchmark."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_train_steps_run_for_every_method():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "tests/bench.py", "--only", "train", "--quick",
+                        "--repeats", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    steps = {r["config"]["method"]: r for r in recs
+             if r["what"] == "train" and r["config"].get("measure") == "step"}
+    assert set(steps) == {"usdrl", "scd_net", "pcm3pp", "mcc"}
+    for method, r in steps.items():
+        assert r["device"] == "cpu" and r["samples_per_s"] > 0, method
+        assert math.isfinite(r["first_loss"]) and r["params"] > 0, method
+    assert recs[-1]["what"] == "summary"
