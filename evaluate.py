@@ -195,7 +195,9 @@ class Args:
     det_stride: int = arg(1, "detection: take every k-th raw frame inside a window")
     det_hop: int = arg(16, "detection: test window hop in encoder frames (overlaps are averaged)")
     det_windows: int = arg(16, "detection: training windows per video and epoch (official: 16)")
-    det_z_align: bool = arg(True, "detection: align each window's spine to z (off = UmURL/USDRL data)")
+    det_z_align: bool = arg(None, "detection: align each window's spine to z (default: as the "
+                            "checkpoint's training data per its prep_info.json, else on; off = "
+                            "UmURL/USDRL data)")
     smooth: int = arg(10, "detection: mean filter half width of get_segments")
     threshold: float = arg(0.4, "detection: a frame is active if 1 - P(background) >= threshold")
     tiou: list[float] = arg([0.1, 0.3, 0.5, 0.7], "detection: tIoU thresholds of the mAPs")
@@ -834,8 +836,19 @@ def detection_protocol(args) -> dict:
     return check_protocol(p)
 
 
+def training_z_align(ld: Loaded) -> bool:
+    """Whether the checkpoint's pre-training data was z-aligned (data_prep.py records it in the
+    dataset folder's prep_info.json); True when unknown (data prepared elsewhere or absent)."""
+    try:
+        folder = common.split_dir(ld.margs.data_dir, ld.margs.dataset, ld.margs.split).parent
+        return bool(json.loads((folder / "prep_info.json").read_text())["z_align"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+        return True
+
+
 def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> dict:
     t0 = time.time()
+    z_align = training_z_align(ld) if args.det_z_align is None else args.det_z_align
     train, test = load_untrimmed(data_dir, dataset, "train"), load_untrimmed(data_dir, dataset, "val")
     C = UNTRIMMED[dataset][1] or max(
         max(g[0] for g in train.gts + test.gts), common.DATASETS["synthetic"][2])
@@ -861,7 +874,7 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         for i in sorted({w[0] for w in wins}):
             starts = [s for j, s in wins if j == i]
             L = int(train.num_frame[i])
-            xs.append(gather_windows(train.data[i], starts, W, d, L, args.det_z_align, device,
+            xs.append(gather_windows(train.data[i], starts, W, d, L, z_align, device,
                                      ld.margs.modality))
             ys.append(frame_targets(train.labels[i], starts, W, d, L))
         return model_fn(torch.cat(xs)), torch.cat(ys).to(device)
@@ -922,7 +935,7 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         for s in range(0, len(starts), args.eval_batch):
             chunk = starts[s:s + args.eval_batch]
             with torch.no_grad(), common.autocast(device, args.dtype):
-                prob = model(gather_windows(test.data[i], chunk, W, d, L, args.det_z_align, device,
+                prob = model(gather_windows(test.data[i], chunk, W, d, L, z_align, device,
                                             ld.margs.modality))
             prob = prob.float().softmax(-1).cpu().double()  # (n, W, 1 + C)
             for st, pw in zip(chunk, prob):
@@ -943,6 +956,7 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
     m.update(frame_acc=100.0 * correct / max(1, counted), n_proposals=len(props),
              n_gt=len(test.gts), n_test_videos=len(test.videos), num_classes=C,
              head="finetune" if args.finetune else "frozen_linear", epochs=p["epochs"],
+             z_align=z_align,
              proposal_dir=str(proposal_dir), train_s=round(time.time() - t0, 2))
     return m
 

@@ -25,6 +25,7 @@ Commands (--batch_size is the GLOBAL batch in every case):
   post-distillation only, from a finished stage-one checkpoint (stage1.pt, which a run with
   post-distillation keeps beside last.pt, or last.pt of a --post_distill_epochs 0 run):
               python pcm3pp.py --post_distill_from out/a/stage1.pt --out_dir out/b
+              (with stage one's data / stream / model flags: a mismatch is an error)
 
 Decisions (our reading where the survey is silent): the clip window is drawn per sample, the clip gets
 the base prompt and weight 1, its distillation target is k; post-distillation continues the queue, the
@@ -92,7 +93,8 @@ class Args:
     epochs: int = arg(451, "stage-one epochs")
     post_distill_epochs: int = arg(50, "post-distillation epochs after stage one (0 = none)")
     post_distill_from: str = arg("", "run only post-distillation, starting from this stage-one "
-                                 "checkpoint (its weights, queue and schedule)")
+                                 "checkpoint (its weights, queue and schedule; repeat its data and "
+                                 "model flags)")
     batch_size: int = arg(128, "global batch size (split evenly over torchrun processes)")
     lr: float = arg(0.02, "SGD learning rate")
     sgd_momentum: float = arg(0.9, "SGD momentum")
@@ -477,6 +479,13 @@ def _check(a: Args):
         raise common.UserError("--batch_size must be at least 3 (the mixing partner shift is 1..N-2)")
 
 
+# Args a post-distillation run must share with its stage-one checkpoint (data, stream, model, loss).
+_STAGE_ONE_FIELDS = ("dataset", "split", "modality", "prompt", "window", "joints", "bodies", "hidden",
+                     "layers", "feat_dim", "prompt_dim", "dec_dim", "dec_layers", "queue_size",
+                     "momentum", "temperature", "teacher_temp", "student_temp", "rec_weight",
+                     "mask_chunks", "clip_len", "crop_scale", "batch_size")
+
+
 def _epoch_seed(a: Args, epoch: int, rank: int) -> int:
     return (a.seed * 1_000_003 + epoch) * 1009 + rank
 
@@ -502,6 +511,7 @@ def _load_into(model: Model, state: dict, path) -> None:
 def train(args: Args, d):
     device = d.device
     warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+    args.split = common.canonical_split(args.dataset, args.split)  # xset -> xsetup (out folder)
     out_dir = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
     log = common.RunLogger(out_dir, d.is_main)
     if d.ddp and not d.is_main:
@@ -531,6 +541,14 @@ def train(args: Args, d):
                 f"--post_distill_from {args.post_distill_from}: saved at epoch {src['epoch']}, not "
                 f"at the end of its stage one ({src['args']['epochs']} epochs); use a finished "
                 f"stage-one checkpoint (stage1.pt, or last.pt of a --post_distill_epochs 0 run)")
+        def norm(v):
+            return list(v) if isinstance(v, (list, tuple)) else v
+        diff = [k for k in _STAGE_ONE_FIELDS
+                if k in src["args"] and norm(src["args"][k]) != norm(getattr(args, k))]
+        if diff:  # the same data, stream and model as stage one (flags are not read from it)
+            raise common.UserError(
+                f"--post_distill_from {args.post_distill_from}: stage one ran with "
+                + ", ".join(f"--{k} {src['args'][k]}" for k in diff) + "; repeat these flags")
         args.epochs = src["epoch"]
         final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
         if not args.resume:  # continue stage one's model, queue and SGD state (momentum buffers)

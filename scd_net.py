@@ -33,7 +33,8 @@ Shipped QUICK, seeds 0 / 1 / 2 (train and evaluate.py --seed s), linear / kNN k=
 (random init): 28.2 / 23.3 (30.7 / 21.5), 24.8 / 23.2 (30.9 / 27.9), 29.2 / 20.7 (27.4 / 22.5). The
 random init is the official builder's (xavier on every 2-D parameter), done in Encoder so that
 evaluate.py's baseline starts where pre-training starts; before that fix the baseline had PyTorch's
-default Linear init (about half the std), and the numbers below marked [d] were measured against it.
+default Linear init (about half the std); the runs below marked [d] were measured against it, and
+their trained models come from that earlier code too (its init drew the weights in another order).
 What was measured: the cross-domain terms pair differently initialised projectors, so at init a
 positive scores like a negative (cos(q_t, k_i) -0.001 for the same clip and for others) and the loss
 sits at 4 x log(K+1) until the query learns to predict the random key projections, which needs the
@@ -46,7 +47,7 @@ leave chance after ~150 steps instead of ~250, but the result depends on the see
 25.9 vs 31.3 / 24.4, seed 1 30.2 / 17.8 vs 33.4 / 29.1, seed 2 31.7 / 20.3 vs 22.3 / 23.6. 30 epochs
 (lr x0.1 at 24; evaluate.py seed 0, random 31.3 / 24.4 [d], 30.7 / 21.5 xavier): seed 0 32.2 / 25.0,
 seed 1 (loss at chance for 10 epochs) 21.9 / 21.8. lr 0.05 kept the loss at chance for 300 steps
-(21.3 / 25.0, seed 0). Key momentum 0.99 (with 0.999 the key keeps 0.999^375 = 69% of its initial
+(21.3 / 25.0, seed 0). Key momentum 0.99 (with 0.999 the key keeps 0.999^370 = 69% of its initial
 weights): seed 0 left chance at step ~200, 23.8 / 22.3; seed 1 sat at chance for the whole run and
 still ended at 20.8 / 19.5, so the plateau's drift alone degrades the random features (in the
 weights: recomputing its BatchNorm statistics on clean clips lifts kNN k=1 only to 21.2). Window 32

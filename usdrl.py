@@ -379,7 +379,7 @@ def _check(args):
     if not 0 <= args.drop_path < 1 or args.lr <= 0 or args.weight_decay < 0:
         raise common.UserError(f"--drop_path {args.drop_path} must be in [0, 1), --lr {args.lr} > 0 "
                                f"and --weight_decay {args.weight_decay} >= 0")
-    common.canonical_split(args.dataset, args.split)
+    args.split = common.canonical_split(args.dataset, args.split)  # xset -> xsetup (out folder)
 
 
 def _epoch_seed(args, epoch, rank):

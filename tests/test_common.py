@@ -164,6 +164,9 @@ def test_load_split_xset_alias(tmp_path):
     ("missing", "not found"),
     ("labels", "10 samples but 9 labels"),
     ("dataset", "unknown dataset"),
+    ("string_labels", "expected names and numeric class indices"),
+    ("fractional", "integer class indices"),
+    ("num_frame", "train_num_frame.npy: unreadable frame counts"),
 ])
 def test_load_split_errors_are_one_clear_line(tmp_path, case, needle):
     dataset = "ntu60"
@@ -183,6 +186,15 @@ def test_load_split_errors_are_one_clear_line(tmp_path, case, needle):
         np.save(d / "train_label.npy", np.zeros(9, np.int64))
     elif case == "dataset":
         dataset = "ntu61"
+    elif case in ("string_labels", "fractional"):
+        d, *_ = _write_split(tmp_path)
+        (d / "train_label.npy").unlink()
+        labels = ["a"] * 10 if case == "string_labels" else [0.5] * 10
+        with open(d / "train_label.pkl", "wb") as f:
+            pickle.dump(([f"n{i}" for i in range(10)], labels), f)
+    elif case == "num_frame":
+        d, *_ = _write_split(tmp_path)
+        np.save(d / "train_num_frame.npy", np.array([object()] * 10, dtype=object))
     with pytest.raises(C.UserError) as e:
         C.load_split(tmp_path, dataset, "xsub", "train")
     msg = str(e.value)
@@ -280,6 +292,12 @@ def test_checkpoint_atomic_and_errors(tmp_path):
     with pytest.raises(RuntimeError):
         C.atomic_write(p, boom)
     assert os.listdir(p.parent) == ["last.pt"] and C.load_checkpoint(p)["method"] == "usdrl"
+    old = os.umask(0o022)
+    try:  # readable by the group like any file the user writes (mkstemp alone gives 0600)
+        C.save_checkpoint(obj, p)
+        assert p.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
@@ -294,6 +312,13 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=g))
     assert draws[0] == again[0] and draws[1] == again[1]
     assert torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
+    # no pickled bytes in a checkpoint (weights_only loading must not run code on --resume)
+    assert state["python"]["internal"].dtype == torch.int64 and len(state["python"]["internal"]) == 625
+    # a generator state of another kind (a CUDA run resumed on CPU) is skipped, not a crash
+    foreign = {**state, "generators": [torch.zeros(16, dtype=torch.uint8)]}
+    before = g.get_state()
+    C.set_rng_state(foreign, g)
+    assert torch.equal(g.get_state(), before)
 
 
 # ---------------------------------------------------------------------------------------------

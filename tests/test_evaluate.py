@@ -431,6 +431,17 @@ def test_protocol_defaults_transfer_split_and_usdrl_pku2_crop():
     assert args.dtype == "fp32"
 
 
+def test_detection_z_align_follows_the_training_data(tmp_path):
+    def ld(data_dir):
+        margs = type("A", (), {"data_dir": str(data_dir), "dataset": "ntu60", "split": "xsub"})()
+        return ev.Loaded("x.pt", "usdrl", None, margs, {})
+    folder = tmp_path / "NTU-RGB-D-60-AGCN"
+    assert ev.training_z_align(ld(tmp_path)) is True  # unknown: on
+    folder.mkdir()
+    (folder / "prep_info.json").write_text(json.dumps({"dataset": "ntu60", "z_align": False}))
+    assert ev.training_z_align(ld(tmp_path)) is False  # UmURL/USDRL data (--no_z_align)
+
+
 def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
     ck = torch.load(ckpts[METHODS[0]], weights_only=True)
     unknown = tmp_path / "unknown.pt"

@@ -354,6 +354,11 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
     bad = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
                   "--post_distill_from", full / "last.pt", "--out_dir", tmp_path / "bad"], check=False)
     assert bad.returncode == 2 and "not at the end of its stage one" in bad.stderr.splitlines()[-1]
+    bad = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
+                  "--modality", "bone", "--post_distill_from", full / "stage1.pt", "--out_dir",
+                  tmp_path / "bad"], check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
+        "stage one ran with --modality joint; repeat these flags")
     assert a["step"] == b["step"] == c["step"] == 2 * stage1["step"] > 0
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
