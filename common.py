@@ -1053,7 +1053,8 @@ def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_le
     (float32 scale = length/out_len, half-pixel source index clamped at 0, lower index capped at
     length-1, upper index = lower+1 unless at the end, w0 = 1 - w1). For power-of-two out_len (64, 32,
     16) they are bit-identical to it; otherwise PyTorch's fused multiply-add for the source index can
-    differ in its last bit (measured: 25 of lengths 1..300 at out_len 50, one frame each, <= 8e-5).
+    differ in its last bit (measured on N(0, 1) clips at out_len 50: 23 of the lengths 1..300 give
+    a value off by more than 1e-5, at most 6e-5; at out_len 64 none beyond 5e-7).
     The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp). Frames at
     or after start+length are never read."""
     N, C, T = x.shape[:3]
