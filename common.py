@@ -453,6 +453,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise
 
 
+def load_state(module: nn.Module, state: dict, path: str | os.PathLike,
+               what: str = "the model of these flags") -> None:
+    """module.load_state_dict(state); a mismatch is one error line naming the first offending key
+    (torch's message starts with a generic header line)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["mismatch"]
+        raise UserError(f"{path}: does not match {what} ({lines[min(1, len(lines) - 1)][:200]})"
+                        ) from None
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -756,7 +768,8 @@ def _read_labels(d: Path, part: str) -> tuple[list, np.ndarray]:
         labels = np.asarray(labels).astype(np.float64)
         names = list(names)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{d}/{part}_label: expected names and numeric class indices ({e})") from None
+        raise UserError(f"{d}/{part}_label: expected names and numeric class indices ({e})"
+                        ) from None
     if labels.ndim != 1 or not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
         raise UserError(f"{d}/{part}_label: expected a 1-D array of integer class indices")
     # PKU gendata stores labels as floats (np.loadtxt); cast to int.
@@ -1051,12 +1064,12 @@ def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_le
     Reproduces F.interpolate(mode='bilinear', align_corners=False) on a (1, C*V*M, length, 1) tensor,
     the official call: the source indices and weights are computed as PyTorch's CPU kernel does
     (float32 scale = length/out_len, half-pixel source index clamped at 0, lower index capped at
-    length-1, upper index = lower+1 unless at the end, w0 = 1 - w1). For power-of-two out_len (64, 32,
-    16) they are bit-identical to it; otherwise PyTorch's fused multiply-add for the source index can
-    differ in its last bit (measured on N(0, 1) clips at out_len 50: 23 of the lengths 1..300 give
-    a value off by more than 1e-5, at most 6e-5; at out_len 64 none beyond 5e-7).
-    The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp). Frames at
-    or after start+length are never read."""
+    length-1, upper index = lower+1 unless at the end, w0 = 1 - w1). For power-of-two out_len
+    (64, 32, 16) they are bit-identical to it; otherwise PyTorch's fused multiply-add for the
+    source index can differ in its last bit (measured on N(0, 1) clips at out_len 50: 23 of the
+    lengths 1..300 give a value off by more than 1e-5, at most 6e-5; at out_len 64 none beyond
+    5e-7). The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp).
+    Frames at or after start+length are never read."""
     N, C, T = x.shape[:3]
     rest = x.shape[3:]
     dev = x.device

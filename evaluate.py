@@ -256,11 +256,7 @@ def build_encoder(ld: Loaded, random_init: bool, seed: int, device) -> nn.Module
     torch.manual_seed(seed)
     enc = ld.module.Encoder(ld.margs)
     if not random_init:
-        try:
-            enc.load_state_dict(ld.ckpt["encoder"])
-        except RuntimeError as e:
-            raise UserError(f"{ld.path}: encoder weights do not fit Encoder(args): "
-                            f"{str(e).strip().splitlines()[0]}") from None
+        common.load_state(enc, ld.ckpt["encoder"], ld.path, "Encoder(its args)")
     return enc.to(device).eval()
 
 
@@ -1149,6 +1145,10 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
                                        "synthetic_ext": SYNTHETIC_EXT_NOVEL}.get(dataset)
         if novel is None:
             raise UserError(f"--dataset {dataset}: no default novel classes; give --novel_classes")
+        pretrained_on = ld.ckpt.get("dataset", ld.margs.dataset)
+        if not random_init and pretrained_on == dataset:  # the "novel" clips were pre-training data
+            print(f"warning: {ld.path} was pre-trained on {dataset} itself, novel classes included "
+                  f"(protocols.md 6 pre-trains on NTU-60)", file=sys.stderr)
         p = protocol(args, ld, "linear", dataset, split)
         eps = sample_episodes(split_obj.labels, novel, args.n_way, max(args.shots), args.n_query,
                               args.episodes, args.seed)

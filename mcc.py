@@ -15,7 +15,8 @@ r/2 frames (r = 1: the clip twice).
 
 Downstream: `Encoder(args)(x)` -> pooled 256-d ST-GCN feature; `dense(x)` -> the ST-GCN map pooled
 over joints and bodies, linearly upsampled to the input length. MCC's own protocol is fine-tuning
-(evaluate.py --task finetune; semi and transfer use the same recipe); `window` = 64 frames, the clip evaluate.py feeds every method.
+(evaluate.py --task finetune; semi and transfer use the same recipe); `window` = 64 frames, the
+clip evaluate.py feeds every method.
 
 Commands
   1 GPU:     python mcc.py --dataset ntu60 --split xsub --data_dir data
@@ -23,8 +24,9 @@ Commands
   CPU quick: python mcc.py --dataset synthetic
 The quick start (dataset synthetic*) applies QUICK to every flag not given explicitly: an ST-GCN of
 width 8 (8-16-32), batch 32, 4 epochs (lr x0.1 after 3), queue 1024, key momentum 0.99 (0.999 barely
-moves the key encoder in 148 steps), the decoder at the full lr (--decoder_lr_mult 1: stable at width
-8), the split resident (--data_on_device); the paper run stays the default for every other dataset.
+moves the key encoder in 148 steps), the decoder at the full lr (--decoder_lr_mult 1: stable at
+width 8), the split resident (--data_on_device); the paper run stays the default for every other
+dataset.
 Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps): 226 s wall, 225 s CPU; kNN
 (evaluate.py --task knn --baseline random) top-1 k=1 / k=10 / k=20: 21.3 / 24.4 / 23.5 vs random
 init 19.2 / 19.9 / 18.7. With the default 2 threads on a machine loaded by other jobs, OpenMP
@@ -87,8 +89,8 @@ class Args:
     w_nce: float = arg(1.0, "weight lambda_2 of the InfoNCE loss")
     w_itep: float = arg(1.0, "weight lambda_3 of the interpolation loss")
     decoder_lr_mult: float = arg(0.1, "lr multiplier of the interpolation decoder (ours, not the "
-                                 "paper's: our SPEC-5 decoder's read-out diverges within 3 steps at "
-                                 "width 64 and lr 0.1, see param_groups)")
+                                 "paper's: our SPEC-5 decoder's read-out diverges within 3 "
+                                 "steps at width 64 and lr 0.1, see param_groups)")
     base_width: int = arg(64, "ST-GCN width: blocks are w x4, 2w x3, 4w x3 (paper 64)")
     dropout: float = arg(0.5, "dropout of ST-GCN blocks 2-10 (ST-GCN NTU config)")
     window: int = arg(64, "frames per clip the encoder takes downstream (evaluate.py's crop)")
@@ -357,6 +359,26 @@ def param_groups(model, args):
             {"params": dec, "lr_mult": args.decoder_lr_mult, "lr": args.lr * args.decoder_lr_mult}]
 
 
+def train_step(model, net, opt, scaler, base, pos, neg, target, ids, args):
+    """One step on this rank's clips (B, C, L, V, M) and sample indices ids (B,): momentum update,
+    forward, the three losses (queued keys of the same sequences left out of the negatives), SGD
+    step, then the global batch's keys and indices enqueued. Returns the detached (loss, triplet,
+    nce, itep). `net` is `model`, possibly wrapped by DDP / torch.compile."""
+    model.momentum_update(args.key_momentum)
+    with common.autocast(base.device, args.dtype):
+        z, rec, k = net(torch.cat([base, pos, neg]), pos)
+    own = model.queue_ids[None] == ids[:, None]                                  # (B, K)
+    terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau, own)
+    loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
+            + args.w_itep * terms["itep"])
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    model.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
+    return torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+
+
 def check_args(args):
     if args.modality not in ("joint", "bone", "motion"):
         raise common.UserError(f"--modality {args.modality!r}: expected joint, bone or motion")
@@ -401,7 +423,7 @@ def main(argv=None):
     ckpt_path = out / "last.pt"
     if args.resume:  # a missing last.pt is an error (as in the other scripts), not a fresh start
         ckpt = common.load_checkpoint(ckpt_path, METHOD, map_location=dev)
-        model.load_state_dict(ckpt["model"])
+        common.load_state(model, ckpt["model"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         common.load_scaler(scaler, ckpt["scaler"])
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
@@ -444,24 +466,11 @@ def main(argv=None):
         sums = torch.zeros(4, device=dev)
         for x, num_frame, ids in loader:
             base, pos, neg, target, _ = make_views(x, num_frame, g, args, rank, world)
-            model.momentum_update(args.key_momentum)
-            with common.autocast(dev, args.dtype):
-                z, rec, k = net(torch.cat([base, pos, neg]), pos)
-            own = model.queue_ids[None] == ids[:, None]                          # (B, K)
-            terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau, own)
-            loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
-                    + args.w_itep * terms["itep"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            # keys of the global batch, with their sample indices
-            model.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
+            now = train_step(model, net, opt, scaler, base, pos, neg, target, ids, args)
             step, steps_run = step + 1, steps_run + 1
-            sums += torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+            sums += now
             if step % args.log_every == 0:
-                vals = common.all_reduce_mean(torch.stack(
-                    [loss.detach(), *(v.detach() for v in terms.values())])).tolist()
+                vals = common.all_reduce_mean(now).tolist()
                 # checked on log steps only (the .tolist() syncs anyway; every rank sees the same)
                 if not all(math.isfinite(v) for v in vals):
                     raise common.UserError(f"non-finite loss at step {step} (triplet, nce, itep = "

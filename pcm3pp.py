@@ -463,8 +463,8 @@ def add_batch_params(views: dict, a: Args, g_shared: torch.Generator, rank: int)
 # ------------------------------------------------------------------------------------------ main
 def _check(a: Args):
     if a.prompt_dim // 2 >= a.hidden or a.prompt_dim < 2 or a.prompt_dim % 2:
-        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be even and in [2, 2 * --hidden) "
-                               f"(two halves, one per GRU direction)")
+        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be even and in "
+                               f"[2, 2 * --hidden) (two halves, one per GRU direction)")
     if a.mask_chunks < 1 or a.queue_size < a.batch_size:
         raise common.UserError(f"--mask_chunks {a.mask_chunks} must be >= 1 and --queue_size "
                                f"{a.queue_size} >= --batch_size {a.batch_size}")
@@ -480,10 +480,10 @@ def _check(a: Args):
 
 
 # Args a post-distillation run must share with its stage-one checkpoint (data, stream, model, loss).
-_STAGE_ONE_FIELDS = ("dataset", "split", "modality", "prompt", "window", "joints", "bodies", "hidden",
-                     "layers", "feat_dim", "prompt_dim", "dec_dim", "dec_layers", "queue_size",
-                     "momentum", "temperature", "teacher_temp", "student_temp", "rec_weight",
-                     "mask_chunks", "clip_len", "crop_scale", "batch_size")
+_STAGE_ONE_FIELDS = ("dataset", "split", "modality", "prompt", "window", "joints", "bodies",
+                     "hidden", "layers", "feat_dim", "prompt_dim", "dec_dim", "dec_layers",
+                     "queue_size", "momentum", "temperature", "teacher_temp", "student_temp",
+                     "rec_weight", "mask_chunks", "clip_len", "crop_scale", "batch_size")
 
 
 def _epoch_seed(a: Args, epoch: int, rank: int) -> int:
@@ -498,14 +498,6 @@ def main(argv=None):
         train(args, d)
     finally:
         common.cleanup_distributed()
-
-
-def _load_into(model: Model, state: dict, path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise common.UserError(f"{path}: does not match this model configuration "
-                               f"({str(e).splitlines()[0]})") from None
 
 
 def train(args: Args, d):
@@ -552,7 +544,7 @@ def train(args: Args, d):
         args.epochs = src["epoch"]
         final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
         if not args.resume:  # continue stage one's model, queue and SGD state (momentum buffers)
-            _load_into(model, src["model"], args.post_distill_from)
+            common.load_state(model, src["model"], args.post_distill_from)
             opt.load_state_dict(src["optimizer"])
             common.load_scaler(scaler, src["scaler"])
             start_epoch, step = src["epoch"], src["step"]
@@ -560,7 +552,7 @@ def train(args: Args, d):
                      f"lr {final_lr:.4g})")
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, METHOD)
-        _load_into(model, ck["model"], ckpt_path)
+        common.load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         common.load_scaler(scaler, ck["scaler"])
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]

@@ -504,11 +504,7 @@ def _train(args: Args, split_name: str, d: common.Dist) -> None:
     ckpt_path = out / "last.pt"
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, METHOD)
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise common.UserError(f"{ckpt_path}: does not match the model of these flags "
-                                   f"({str(e).splitlines()[0]})") from None
+        common.load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         common.load_scaler(scaler, ck["scaler"])
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
@@ -550,7 +546,8 @@ def _train(args: Args, split_name: str, d: common.Dist) -> None:
             if step % args.log_every == 0:
                 vals = {k: common.all_reduce_mean(v).item() for k, v in terms.items()}
                 if not math.isfinite(vals["loss"]):
-                    raise RuntimeError(f"loss is {vals['loss']} at step {step}")
+                    raise common.UserError(f"loss is {vals['loss']} at step {step}: lower --lr "
+                                           f"or use --dtype fp32")
                 dt = time.time() - t_log
                 logger.log(step, epoch + 1, **vals, lr=lr, samples_s=n_log * args.batch_size / dt,
                            eta=common.format_eta(dt / n_log * (total - step)))

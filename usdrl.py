@@ -422,11 +422,7 @@ def train(args, d):
     ckpt_path = out_dir / "last.pt"
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, METHOD)
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise common.UserError(f"{ckpt_path}: does not match this model configuration "
-                                   f"({str(e).splitlines()[0]})") from None
+        common.load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         common.load_scaler(scaler, ck["scaler"])
         start_epoch, step = ck["epoch"], ck["step"]

@@ -390,20 +390,11 @@ def mcc_train_views(s, x, nf):
     return mcc.make_views(x, nf, s.g, s.args)
 
 
-def mcc_step(s, x, nf):
-    a, m = s.args, s.model
-    base, pos, neg, target, _ = mcc_train_views(s, x, nf)
-    m.momentum_update(a.key_momentum)
-    with common.autocast(s.dev, a.dtype):
-        z, rec, k = s.net(torch.cat([base, pos, neg]), pos)
+def mcc_step(s, x, nf):  # mcc.train_step: momentum update, forward, losses, step, enqueue
     ids = torch.arange(len(x), device=x.device) + getattr(s, "seen", 0)  # as the loader's indices
     s.seen = getattr(s, "seen", 0) + len(x)
-    own = m.queue_ids[None] == ids[:, None]
-    terms = mcc.mcc_losses(z, k, m.queue, rec, target, a.margin, a.tau, own)
-    loss = a.w_triplet * terms["triplet"] + a.w_nce * terms["nce"] + a.w_itep * terms["itep"]
-    out = _backward_step(s, loss)
-    m.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
-    return out
+    return mcc.train_step(s.model, s.net, s.opt, s.scaler, *mcc_train_views(s, x, nf)[:4], ids,
+                          s.args)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -313,7 +313,8 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     assert draws[0] == again[0] and draws[1] == again[1]
     assert torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
     # no pickled bytes in a checkpoint (weights_only loading must not run code on --resume)
-    assert state["python"]["internal"].dtype == torch.int64 and len(state["python"]["internal"]) == 625
+    internal = state["python"]["internal"]
+    assert internal.dtype == torch.int64 and len(internal) == 625
     # a generator state of another kind (a CUDA run resumed on CPU) is skipped, not a crash
     foreign = {**state, "generators": [torch.zeros(16, dtype=torch.uint8)]}
     before = g.get_state()

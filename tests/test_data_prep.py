@@ -345,11 +345,13 @@ def test_prepare_ntu_bodies_empty_bad_and_missing_list(tmp_path):
     np.savez(tmp_path / "other.npz", x_train=x, y_train=y, x_test=x, y_test=y)
     with pytest.raises(C.UserError, match="xview: exists and was not written by data_prep.py"):
         D.convert_npz(tmp_path / "other.npz", tmp_path / "out", "ntu60", "xview", quiet=True)
-    D.convert_npz(tmp_path / "other.npz", tmp_path / "out", "ntu60", "xview", force=True, quiet=True)
+    D.convert_npz(tmp_path / "other.npz", tmp_path / "out", "ntu60", "xview", force=True,
+                  quiet=True)
     with pytest.raises(C.UserError, match="AGCN: exists and was not written by data_prep.py"):
         D.prepare_ntu([raw], tmp_path / "out", "ntu60", workers=1, quiet=True, skip_bad=True)
     assert C.load_split(tmp_path / "out", "ntu60", "xview", "train").data.shape[2] == 10
-    assert C.load_split(tmp_path / "out", "ntu60", "xsub", "train").num_frame.tolist() == [5, 8, 6, 7, 9]
+    xsub = C.load_split(tmp_path / "out", "ntu60", "xsub", "train")
+    assert xsub.num_frame.tolist() == [5, 8, 6, 7, 9]
 
 
 def test_foreign_folders_are_kept_and_a_missing_list_is_reported(tmp_path, capsys):
@@ -427,3 +429,17 @@ def test_prepare_pku2_trimmed_clips_and_splits(tmp_path):
         D.prepare_pku(raw, tmp_path / "out2", "pku2", quiet=True)
     out = D.prepare_pku(raw, tmp_path / "out2", "pku2", quiet=True, skip_bad=True)
     assert "A09N09-M" in (out / "skipped.txt").read_text()
+
+
+def test_ntu120_benchmark_membership():
+    """NTU-120 xsub: the 53 training subjects (protocols.md 8.1); xsetup: even setup IDs train."""
+    subjects = [1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38, 45, 46,
+                47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86,
+                89, 91, 92, 93, 94, 95, 97, 98, 100, 103]
+    assert len(subjects) == 53
+    fields = [(s, 1 + p % 3, p, 1, 1 + p % 120) for s in range(1, 33) for p in range(1, 107)]
+    m = D.ntu_membership("ntu120", fields)
+    assert m["xsub"].tolist() == [int(p in subjects) for _, _, p, _, _ in fields]
+    assert m["xsetup"].tolist() == [int(s % 2 == 0) for s, *_ in fields]
+    m60 = D.ntu_membership("ntu60", fields)
+    assert m60["xview"].tolist() == [int(c in (2, 3)) for _, c, *_ in fields]

@@ -20,6 +20,23 @@ def P(label, s, e, conf=1.0, video="v"):
     return (label, s, e, conf, video)
 
 
+def test_oracle_frame_probabilities_give_perfect_detection():
+    """The label chain of detection: stored frame labels (raw + 1) -> frame_targets (head class =
+    raw label) -> one-hot probabilities -> get_segments -> metrics against the ground truth runs."""
+    lab = np.zeros(200, dtype=np.uint8)
+    lab[20:70], lab[100:160] = 1 + 1, 2 + 1                    # raw labels 1 and 2, stored + 1
+    t = ev.frame_targets(lab, [0], 200, 1, 200)[0]             # (200,) 0 = background
+    assert t[20].item() == 1 and t[100].item() == 2 and t[0].item() == 0
+    prob = np.eye(3)[t.numpy()]                                # a perfect head, (L, 1 + C)
+    props = [(c, s_, e, conf, "v") for c, s_, e, conf in ev.get_segments(prob, 10, 0.4)]
+    gts = [(1, 20, 70, 1.0, "v"), (2, 100, 160, 1.0, "v")]
+    assert [p[0] for p in props] == [1, 2]
+    m = ev.detection_metrics(props, gts, ["v"], 2, [0.5])
+    assert m["official_mAP_action@0.5"] == 100 and m["voc_mAP_a@0.5"] == 100
+    swapped = [(3 - c, s_, e, conf, v) for c, s_, e, conf, v in props]  # labels off by a class
+    assert ev.detection_metrics(swapped, gts, ["v"], 2, [0.5])["voc_mAP_a@0.5"] == 0
+
+
 def test_official_tiou_is_continuous_and_signed():
     assert ev.official_tiou(P(1, 0, 10), P(1, 5, 15)) == pytest.approx(5 / 15)
     assert ev.official_tiou(P(1, 0, 10), P(1, 20, 30)) == pytest.approx(-10 / 30)  # disjoint: < 0
@@ -172,6 +189,17 @@ def test_fewshot_classifier_batched_equals_single_and_is_accurate():
     feats = torch.cat([xs.reshape(-1, 16), xq.reshape(-1, 16)])
     m = ev.fewshot_eval(feats, _episodes_for(3), [1, 2], 1.0, True)
     assert set(m) == {"5way_1shot_acc", "5way_1shot_ci95", "5way_2shot_acc", "5way_2shot_ci95"}
+    # separable classes: (nearly) every query right; the labels of the episode files line up
+    assert m["5way_2shot_acc"] > 95 and m["5way_1shot_acc"] > 90
+    # CI = 1.96 std / sqrt(E) over the per-episode accuracies: a query set whose episodes score
+    # 100, 100 and 0 (episode 3's queries are another class's features)
+    eps = _episodes_for(3)
+    qry = eps[2].copy()
+    qry[2] = np.roll(qry[2], 1, axis=0)
+    m2 = ev.fewshot_eval(feats, (eps[0], eps[1], qry), [2], 1.0, True)
+    accs = np.array([100.0, 100.0, 0.0])
+    assert m2["5way_2shot_acc"] == pytest.approx(accs.mean(), abs=2)
+    assert m2["5way_2shot_ci95"] == pytest.approx(1.96 * accs.std() / np.sqrt(3), abs=2)
 
 
 def _episodes_for(E):
@@ -431,6 +459,49 @@ def test_protocol_defaults_transfer_split_and_usdrl_pku2_crop():
     assert args.dtype == "fp32"
 
 
+# (lr, batch, epochs, milestones, train crop, test crop, eval_every, weight decay, nesterov) from
+# specs/methods.md 1.6, 2.6, 3A and protocols.md 1, 3, 5 (MCC: ST-GCN's recipe, PCM3's linear).
+SPEC_PROTOCOLS = {
+    ("usdrl", "linear"):
+        (0.006, 512, 160, [120, 140], ("center", 1.0), ("center", 1.0), 5, 0.0, False),
+    ("scd_net", "linear"):
+        (2.0, 1024, 80, [50, 70], ("center", 0.95), ("center", 0.95), 1, 0.0, False),
+    ("pcm3pp", "linear"):
+        (0.1, 1024, 100, [20, 50, 80], ("random", (0.5, 1.0)), ("center", 0.95), 5, 0.0, False),
+    ("mcc", "linear"):
+        (0.1, 1024, 100, [20, 50, 80], ("random", (0.5, 1.0)), ("center", 0.95), 5, 0.0, False),
+    ("usdrl", "finetune"):
+        (0.01, 64, 80, [50, 70], ("random", (0.5, 1.0)), ("center", 1.0), 5, 0.0, False),
+    ("scd_net", "finetune"):
+        (0.01, 64, 80, [50, 70], ("random", (0.5, 1.0)), ("center", 0.95), 5, 0.0, False),
+    ("pcm3pp", "finetune"):
+        (0.01, 64, 80, [50, 70], ("random", (0.5, 1.0)), ("center", 0.95), 5, 0.0, False),
+    ("mcc", "finetune"):
+        (0.1, 64, 80, [10, 50], ("random", (0.5, 1.0)), ("center", 0.95), 5, 1e-4, True),
+}
+
+
+@pytest.mark.parametrize("method,kind", sorted(SPEC_PROTOCOLS))
+def test_protocol_values_per_method(method, kind):
+    args = common.parse_args(ev.Args, ["--ckpt", "x.pt"])
+    ld = ev.Loaded("x.pt", method, None, None, {})
+    p = ev.protocol(args, ld, kind, "ntu60", "xsub")
+    got = (p["lr"], p["batch_size"], p["epochs"], list(p["milestones"]), p["train_crop_parsed"],
+           p["test_crop_parsed"], p["eval_every"], p["weight_decay"], p["nesterov"])
+    assert got == SPEC_PROTOCOLS[method, kind] and p["momentum"] == 0.9
+    assert ev.protocol(common.parse_args(ev.Args, ["--ckpt", "x.pt", "--lr", "0.5"]), ld, kind,
+                       "ntu60", "xsub")["lr"] == 0.5  # a flag overrides the method's default
+
+
+def test_detection_protocol_values():
+    args = common.parse_args(ev.Args, ["--ckpt", "x.pt"])
+    p = ev.detection_protocol(args)
+    assert (p["lr"], p["batch_size"], p["epochs"], p["milestones"], p["nesterov"],
+            p["weight_decay"], p["momentum"]) == (0.01, 64, 60, [40], True, 0.0, 0.9)
+    args.finetune = True
+    assert ev.detection_protocol(args)["milestones"] == [50]
+
+
 def test_detection_z_align_follows_the_training_data(tmp_path):
     def ld(data_dir):
         margs = type("A", (), {"data_dir": str(data_dir), "dataset": "ntu60", "split": "xsub"})()
@@ -440,6 +511,27 @@ def test_detection_z_align_follows_the_training_data(tmp_path):
     folder.mkdir()
     (folder / "prep_info.json").write_text(json.dumps({"dataset": "ntu60", "z_align": False}))
     assert ev.training_z_align(ld(tmp_path)) is False  # UmURL/USDRL data (--no_z_align)
+
+
+def test_semi_runs_restart_from_the_checkpoint_and_the_baseline_from_random(ckpts, eval_data,
+                                                                           tmp_path, monkeypatch):
+    ck = ckpts[METHODS[0]]
+    pretrained = torch.load(ck, weights_only=True)["encoder"]
+    starts, real = [], ev.finetune_eval
+
+    def spy(enc, *a, **kw):
+        starts.append({k: v.clone() for k, v in enc.state_dict().items()})
+        return real(enc, *a, **kw)
+    monkeypatch.setattr(ev, "finetune_eval", spy)
+    ev.main(["--ckpt", str(ck), "--task", "semi", "--data_dir", eval_data, "--epochs", "1",
+             "--batch_size", "32", "--eval_batch", "64", "--seeds", "0", "1", "--ratios", "0.1",
+             "--baseline", "random", "--results", str(tmp_path / "r.jsonl")])
+    assert len(starts) == 4  # 2 subsets x (pre-trained, random init)
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same(starts[0], pretrained) and same(starts[1], pretrained)  # not the first fine-tune
+    assert same(starts[2], starts[3]) and not same(starts[2], pretrained)
 
 
 def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):

@@ -1,4 +1,5 @@
 """MCC: ST-GCN fidelity, clip sampling, losses, and end-to-end runs (train, resume, torchrun)."""
+import copy
 import json
 import math
 from pathlib import Path
@@ -178,6 +179,40 @@ def test_training_masks_queued_keys_of_the_same_sequence(tiny_data):
             model.enqueue(F.normalize(torch.randn(8, 8), dim=1), ids)
 
 
+def test_train_step_masks_own_keys_and_orders_momentum_loss_enqueue(tiny_data):
+    """The training step: momentum update with the pre-step query, the losses against the queue as
+    it was with the batch's own sequences masked, then the keys and their indices enqueued."""
+    args = mcc.Args(dataset="synthetic", base_width=4, clip_len=8, batch_size=4, queue_size=8,
+                    proj_dim=8, window=16, dropout=0.0)
+    torch.manual_seed(0)
+    model = mcc.Model(args)
+    with torch.no_grad():  # query != key, so the momentum update is visible
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
+            p.add_(0.01 * torch.randn_like(p))
+    split = common.load_split(tiny_data, "synthetic", "xsub", "train")
+    x, nf = torch.from_numpy(split.data[:4].copy()), torch.as_tensor(split.num_frame[:4])
+    base, pos, neg, target, _ = mcc.make_views(x, nf, torch.Generator().manual_seed(1), args)
+    ids = torch.tensor([10, 11, 12, 13])
+    model.queue_ids[:4] = torch.tensor([11, 99, 13, 98])  # slots 0, 2: keys of samples 11, 13
+    ref = copy.deepcopy(model)
+    ref.momentum_update(args.key_momentum)
+    z, rec, k = ref(torch.cat([base, pos, neg]), pos)
+    own = torch.zeros(4, 8, dtype=torch.bool)
+    own[1, 0] = own[3, 2] = True
+    expect = mcc.mcc_losses(z, k, ref.queue, rec, target, args.margin, args.tau, own)
+    unmasked = mcc.mcc_losses(z, k, ref.queue, rec, target, args.margin, args.tau)["nce"].item()
+    opt = torch.optim.SGD(mcc.param_groups(model, args), lr=0.1)
+    out = mcc.train_step(model, model, opt, common.make_scaler(torch.device("cpu"), "fp32"),
+                         base, pos, neg, target, ids, args)
+    assert out[2].item() == pytest.approx(expect["nce"].item(), rel=1e-5)
+    assert out[2].item() != pytest.approx(unmasked, rel=1e-5)
+    assert out[0].item() == pytest.approx(sum(v.item() for v in expect.values()), rel=1e-5)
+    for a, b in zip(model.key_encoder.parameters(), ref.key_encoder.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(model.queue[:4], k.detach())
+    assert model.queue_ids.tolist()[:4] == [10, 11, 12, 13] and int(model.queue_ptr) == 4
+
+
 def test_queue_and_momentum_update():
     model = mcc.Model(mcc.Args(base_width=4, queue_size=6, proj_dim=3))
     keys = torch.arange(12, dtype=torch.float).view(4, 3)
@@ -189,11 +224,14 @@ def test_queue_and_momentum_update():
     assert torch.equal(model.queue[[2, 3]], keys[2:])
     assert model.queue_ids.tolist() == [22, 23, 9, 10, 20, 21]
     with torch.no_grad():
-        for p in model.encoder.parameters():
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
             p.add_(1.0)
-    before = [p.clone() for p in model.key_encoder.parameters()]
+    keys = [*model.key_encoder.parameters(), *model.key_projector.parameters()]
+    queries = [*model.encoder.parameters(), *model.projector.parameters()]
+    before = [p.clone() for p in keys]
+    assert len(keys) == len(queries) and any(p.dim() == 2 for p in model.key_projector.parameters())
     model.momentum_update(0.9)
-    for pk, pq, b in zip(model.key_encoder.parameters(), model.encoder.parameters(), before):
+    for pk, pq, b in zip(keys, queries, before):  # encoder and projector: m * k + (1 - m) * q
         torch.testing.assert_close(pk, 0.9 * b + 0.1 * pq)
 
 
@@ -225,6 +263,10 @@ def test_end_to_end_resume_and_torchrun(tiny_data, tmp_path, run_py):
     run_py(["mcc.py", *common_flags, "--out_dir", part, "--epochs", "1"])
     one_epoch = _model_state(part / "last.pt")
     run_py(["mcc.py", *common_flags, "--out_dir", part, "--epochs", "2", "--resume"])
+    bad = run_py(["mcc.py", *common_flags, "--out_dir", part, "--epochs", "3", "--resume",
+                  "--base_width", "8"], check=False)  # other flags than the checkpoint's
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: ")
+    assert "does not match the model of these flags (size mismatch for" in bad.stderr
     run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "mcc.py",
             *common_flags, "--out_dir", ddp, "--epochs", "1"], cwd=root, timeout=240)
 
@@ -297,10 +339,10 @@ def _one_step_grads(data_dir, rank, world):
     return grads
 
 
-def _grads_worker(rank, world, port, data_dir, out):
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _grads_worker(rank, world, init_file, data_dir, out):
+    # file:// rendezvous: no TCP port another process could take between choosing and binding it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
     torch.set_num_threads(1)
     grads = _one_step_grads(data_dir, rank, world)
     if rank == 0:
@@ -313,13 +355,9 @@ def test_two_process_gradients_equal_one_process_in_float64(tiny_data, tmp_path)
     rounding cannot hide a real difference: in float64 the gradients of every parameter from 2
     gloo processes (global-draw clips, SyncBN statistics, rank-sliced batch, DDP-style mean)
     equal the single-process gradients to 1e-10, while float32 rounding alone differs by ~1e-3."""
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "grads.pt"
-    mp.start_processes(_grads_worker, args=(2, port, tiny_data, str(out)), nprocs=2,
+    mp.start_processes(_grads_worker, args=(2, str(tmp_path / "rdzv"), tiny_data, str(out)), nprocs=2,
                        start_method="spawn")
     multi = torch.load(out, weights_only=True)
     single = _one_step_grads(tiny_data, 0, 1)

@@ -3,6 +3,7 @@ state-dict keys, views (body-part mask, mixing, clip window), loss terms and the
 end-to-end training with exact resume and post-distillation from a stage-one checkpoint, and 2-process
 torchrun equivalence."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -164,6 +165,29 @@ def test_body_part_mask_views_and_clip_window():
             assert torch.equal(bb["clip"][i][:, idx], bb["v2"][i][:, idx])
     assert len(set(lengths)) > 3
     assert b["offsets"].shape == (7,) and int(b["offsets"].max()) < 16 - 4
+
+
+def test_view_chain_and_modality_replayed():
+    """methods.md 3A.1 replayed on the same generator: v1, v2 crop-resize then joint corruption or
+    shear, v3 crop-resize then always shear; bone/motion computed per view after them."""
+    a = small_args()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 80, 25, 2, generator=g)
+    nf = torch.tensor([80, 70, 64, 75, 66])
+    views = pcm3pp.make_views(x, nf, a, torch.Generator().manual_seed(9))
+    g2 = torch.Generator().manual_seed(9)
+
+    def crop():
+        return common.crop_resize(x, nf, g2, a.window, tuple(a.crop_scale), a.window)
+    v1 = common.corrupt_or_shear(crop(), g2)
+    v2 = common.corrupt_or_shear(crop(), g2)
+    v3 = common.shear(crop(), g2)
+    for name, v in (("v1", v1), ("v2", v2), ("v3", v3)):
+        assert torch.equal(views[name], v), name
+    bone = pcm3pp.make_views(x, nf, dataclasses.replace(a, modality="bone"),
+                             torch.Generator().manual_seed(9))
+    for name in ("v1", "v2", "v3"):
+        assert torch.equal(bone[name], common.to_modality(views[name], "bone")), name
 
 
 def test_mixing_modes_lambda_and_mixed_key():

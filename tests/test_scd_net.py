@@ -1,4 +1,5 @@
 """SCD-Net: parameter counts, loss, MoCo machinery, views, end-to-end run, resume, DDP."""
+import copy
 import dataclasses
 import json
 import math
@@ -101,7 +102,10 @@ def test_loss_equals_direct_recomputation():
     model = scd_net.Model(tiny_args(dropout=0.0, temperature=0.3))
     model.queue_t.copy_(F.normalize(torch.randn_like(model.queue_t), dim=0))  # 3 distinct queues
     xq, xk = torch.randn(4, 3, 16, 25, 2), torch.randn(4, 3, 16, 25, 2)
+    queues = [q.clone() for q in (model.queue_t, model.queue_s, model.queue_i)]
     losses, (kt, ks, ki) = model(xq, xk)
+    for q, now in zip(queues, (model.queue_t, model.queue_s, model.queue_i)):
+        assert torch.equal(q, now)  # the forward leaves the queues alone (train_step enqueues)
     # train mode without dropout is deterministic: recompute the projections directly
     qt, qs, qi = (F.normalize(t, dim=1) for t in model.query(xq))
     k = [F.normalize(t, dim=1) for t in model.key(xk)]
@@ -114,6 +118,34 @@ def test_loss_equals_direct_recomputation():
         assert abs(losses[name].item() - direct.item()) < 1e-5, name
     assert sorted(losses) == sorted(expect)
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+def test_train_step_order_momentum_loss_enqueue():
+    """Official order: momentum update first (with the pre-step query), keys and loss against the
+    queues as they were, SGD step, then the new keys enqueued."""
+    torch.manual_seed(0)
+    args = tiny_args(dropout=0.0, moco_m=0.9, queue_size=8)
+    model = scd_net.Model(args)
+    with torch.no_grad():
+        for p in model.query.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    k0 = [p.clone() for p in model.key.parameters()]
+    q0 = [p.clone() for p in model.query.parameters()]
+    queue_i = model.queue_i.clone()
+    ref = copy.deepcopy(model)
+    ref.momentum_update()
+    xq, xk = torch.randn(4, 3, 16, 25, 2), torch.randn(4, 3, 16, 25, 2)
+    losses, (_, _, ki) = ref(xq, xk)
+    opt = torch.optim.SGD(model.query.parameters(), lr=0.1)
+    terms = scd_net.train_step(model, model, opt, common.make_scaler(torch.device("cpu"), "fp32"),
+                               xq, xk, args)
+    for k, q, new in zip(k0, q0, model.key.parameters()):
+        torch.testing.assert_close(new, 0.9 * k + 0.1 * q, rtol=0, atol=1e-6)
+    for name, v in losses.items():
+        assert abs(float(terms[name]) - v.item()) < 1e-5, name
+    torch.testing.assert_close(model.queue_i[:, :4], ki.T)
+    assert torch.equal(model.queue_i[:, 4:], queue_i[:, 4:]) and int(model.queue_ptr) == 4
+    assert not torch.equal(q0[0], next(model.query.parameters()))  # the step moved the query
 
 
 def test_momentum_update():
@@ -184,6 +216,18 @@ def test_view_pipeline_uses_common_augmentations():
     # nothing else is zero
     assert torch.equal(zero, joints[:, None, :, None].expand_as(zero)
                        | frames[:, :, None, None].expand_as(zero))
+    # bone: converted right after the crop (official order), so the masks still zero whole
+    # joints and frames of the bone stream
+    vb = scd_net.make_view(x, nf, torch.Generator().manual_seed(5), tiny_args(aug_p=1.0,
+                                                                              modality="bone"))
+    g = torch.Generator().manual_seed(5)
+    e = common.to_modality(common.crop_resize(x, nf, g, out_len=16, scale=(0.1, 1.0), min_len=16),
+                           "bone")
+    e = common.shear(common.flip(common.rotate(e, g, max_deg=30.0, p=1.0), g, p=1.0), g, amp=1.0,
+                     p=1.0)
+    e = common.cube_mask(common.structural_mask(e, g, n_draw=5, k=8, p=1.0), g, n_cubes=4,
+                         n_masked=2, p=1.0)
+    assert torch.equal(vb, e) and ((vb.abs().sum(1) == 0).all(dim=(1, 3)).sum(1) >= 8).all()
 
 
 def test_view_probabilities_and_modality():
@@ -332,3 +376,8 @@ def test_resume_without_checkpoint_is_a_user_error(tmp_path, tiny_data):
     with pytest.raises(common.UserError, match="not found"):
         scd_net.main(["--dataset", "synthetic", "--data_dir", tiny_data, "--device", "cpu",
                       "--out_dir", str(tmp_path), "--resume", *TINY_CLI])
+    # a diverging run stops with one error line (UserError), not a traceback
+    with pytest.raises(common.UserError, match=r"loss is (nan|inf) at step \d+: lower --lr"):
+        scd_net.main(["--dataset", "synthetic", "--data_dir", tiny_data, "--device", "cpu",
+                      "--out_dir", str(tmp_path / "nan"), *TINY_CLI, "--lr", "1e30",
+                      "--log_every", "1"])

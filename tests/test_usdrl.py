@@ -197,6 +197,13 @@ def test_views_and_modality_switch():
     args = tiny_args()
     joint = usdrl.make_views(x, nf, torch.Generator().manual_seed(1), args)
     assert joint.shape == (4 * 3, 3, 16, 25, 2)
+    # methods.md 1.4, replayed on the same generator: per view crop-resize (ratio U(0.1, 1), at
+    # least `window` frames) then joint corruption or shear
+    g2 = torch.Generator().manual_seed(1)
+    assert args.crop_scale == [0.1, 1.0] and args.window == 16
+    assert torch.equal(joint, torch.cat([common.corrupt_or_shear(
+        common.crop_resize(x, nf, g2, out_len=16, scale=(0.1, 1.0), min_len=16), g2)
+        for _ in range(4)]))
     assert not torch.allclose(joint[:3], joint[3:6])  # views are drawn independently
     for m in ("bone", "motion"):
         v = usdrl.make_views(x, nf, torch.Generator().manual_seed(1), tiny_args(modality=m))
