@@ -27,25 +27,27 @@ width 8 (8-16-32), batch 32, 4 epochs (lr x0.1 after 3), queue 1024, key momentu
 moves the key encoder in 148 steps), the decoder at the full lr (--decoder_lr_mult 1: stable at
 width 8), the split resident (--data_on_device); the paper run stays the default for every other
 dataset.
-Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps): 226 s wall, 225 s CPU; kNN
-(evaluate.py --task knn --baseline random) top-1 k=1 / k=10 / k=20: 21.3 / 24.4 / 23.5 vs random
-init 19.2 / 19.9 / 18.7. With the default 2 threads on a machine loaded by other jobs, OpenMP
-contention made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
-10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) does not reliably beat random init
-with this config (seed 0, subset 0: 9.2 vs 9.6; over 3 seeds x 3 subsets 11.5 vs 11.3, see the end
-of this paragraph). Measured, seed 0, 1 thread: at lr 0.1 the triplet term stays at its margin
-(0.15: base, speed-changed and motion-broken clips embed within 0.03 of each other) and the conv
-weights grow 2-27x in norm (with --dropout 0; block 1 gcn 0.15 -> 4.0), which under BatchNorm
-divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels also cripples the random-init
-fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1, random init in parentheses):
---dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet 0.15 -> 0.01): 14.8 (15.7) /
-21.0 (19.2); same, 8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs, width 16: kNN 20.5 (22.4).
---lr 0.02 with dropout 0.5, seeds 0 / 1: 12.5 (9.6) / 15.9 (19.2) and 13.8 (16.0) / 17.5 (20.2)
-(the seed-1 run's labelled subset is not recorded; its random-init 16.0 equals subset 1's below).
-None adopted. Seed check of this config (training and evaluate.py --seed s): kNN k=1 21.3 (19.2),
-17.3 (20.2), 15.9 (14.5) for seeds 0, 1, 2; semi 10%, labelled subsets 0, 1, 2 (--seeds 0 1 2): seed
-0 9.2, 14.8, 11.0 (9.6, 10.0, 9.3), seed 1 9.5, 9.0, 12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2,
-12.7 (10.5, 12.4, 10.8); means 11.5 vs 11.3.
+Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps, two runs at a time): 206-220 s
+wall; kNN k=1 (evaluate.py --task knn --baseline random --seed s) for seeds 0, 1, 2: 20.1, 17.8,
+16.6 vs random init 19.2, 20.2, 14.5; seed 0: semi 10% (subset 0) 6.2 vs 9.6, linear (30 epochs)
+15.0 vs 5.0 (chance: the random-init ST-GCN's eval-mode features are ~1e-7). So neither kNN nor the
+10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) reliably beats random init. With the
+default 2 threads on a machine loaded by other jobs, OpenMP contention made a step cost ~5x the CPU
+time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
+Everything below was measured before the queue's keys of the query's own sequence were masked (38%
+of the quick start's queries in epochs 2-4 had their previous-epoch key among the negatives); kNN
+k=1 was then 21.3, 17.3, 15.9 and semi 10% 9.2 (seed 0, subset 0). Seed 0, 1 thread: at lr 0.1 the
+triplet term stays at its margin (0.15: base, speed-changed and motion-broken clips embed within
+0.03 of each other) and the conv weights grow 2-27x in norm (with --dropout 0; block 1 gcn 0.15 ->
+4.0), which under BatchNorm divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels
+also cripples the random-init fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1,
+random init in parentheses): --dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet
+0.15 -> 0.01): 14.8 (15.7) / 21.0 (19.2); same, 8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs,
+width 16: kNN 20.5 (22.4). --lr 0.02 with dropout 0.5, seeds 0 / 1: 12.5 (9.6) / 15.9 (19.2) and
+13.8 (16.0) / 17.5 (20.2) (the seed-1 run's labelled subset is not recorded; its random-init 16.0
+equals subset 1's below). None adopted. Seed check (training and evaluate.py --seed s): semi 10%,
+labelled subsets 0, 1, 2 (--seeds 0 1 2): seed 0 9.2, 14.8, 11.0 (9.6, 10.0, 9.3), seed 1 9.5, 9.0,
+12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2, 12.7 (10.5, 12.4, 10.8); means 11.5 vs 11.3.
 """
 import math
 import time
@@ -253,8 +255,9 @@ class Model(nn.Module):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         # Sample index of each queued key (-1: an initial random vector). The paper draws the
-        # negatives "from other samples"; K (65536) exceeds NTU-60 xsub (40k) and PKU-MMD II (5k)
-        # training sets, so without this the queue would hold keys of the query's own sequence.
+        # negatives "from other samples", but a queue holds a sample's key of the previous epoch
+        # whenever fewer than K keys were enqueued since: always for K = 65536 on NTU-60 xsub
+        # (40k clips) or PKU-MMD II (5k), often for the quick start (1024 of 1,184 per epoch).
         self.register_buffer("queue_ids", torch.full((args.queue_size,), -1, dtype=torch.long))
 
     def forward(self, clips, keys):

@@ -290,7 +290,7 @@ TRAIN = {
     "pcm3pp": ["--hidden", "16", "--prompt_dim", "8", "--dec_dim", "16", "--queue_size", "100",
                "--batch_size", "60", "--lr_steps", "5", "--post_distill_epochs", "0"],
 }
-METHODS = [m for m in TRAIN if (ROOT / f"{m}.py").exists()]
+METHODS = list(TRAIN)  # every method file; a missing one fails its tests instead of being skipped
 TASKS = ["linear", "knn", "semi", "finetune", "transfer", "detection", "fewshot", "occlusion"]
 EVAL = ["--epochs", "1", "--batch_size", "32", "--eval_batch", "64",
         "--seeds", "0", "1", "--ratios", "0.1", "--ratio", "0.05", "--shots", "1", "2",
