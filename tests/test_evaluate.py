@@ -228,6 +228,14 @@ def test_occlusion_masks_fixed_and_in_range():
     for i in range(4):
         s, L = m["t_start"][i], m["t_len"][i]
         assert y[i, :, s:s + L].abs().sum() == 0 and y[i].sum() == 3 * 50 * (120 - L)
+    idx = np.array([7, 3, 12])  # rows of a batch are these samples: their own part masks apply
+    y = fns["random_spatial"](x[:3], None, idx)
+    parts = list(common.BODY_PARTS.values())
+    for row, i in enumerate(idx):
+        hidden = sorted(j for p in np.flatnonzero(m["parts"][i]) for j in parts[p])
+        zero = [j for j in range(25) if y[row, :, :, j].abs().sum() == 0]
+        assert zero == hidden and len(hidden) >= 2 and y[row, :, :, [j for j in range(25)
+                                                                     if j not in hidden]].min() == 1
 
 
 def test_prenormalize_matches_data_prep_without_padding():
@@ -415,6 +423,15 @@ def test_ensemble_and_cache_equivalence(ckpts, eval_data, tmp_path):
     rec = json.loads(res.read_text().splitlines()[-1])
     assert [s["weight"] for s in rec["metrics"]["streams"]] == [1.0, 0.5]
     assert 0 <= rec["metrics"]["top1"] <= 100
+    # the weights weight the streams' softmax scores: a weight of 0 leaves the other stream alone
+    # (lr 0.5, 30 epochs: the tiny streams leave chance, with different accuracies)
+    for keep, weights in ((0, ["1", "0"]), (1, ["0", "1"])):
+        ev.main(["--ckpt", *(str(ckpts[m]) for m in ms), "--task", "ensemble", "--data_dir",
+                 eval_data, "--epochs", "30", "--lr", "0.5", "--weights", *weights, "--results",
+                 str(res)])
+        m = json.loads(res.read_text().splitlines()[-1])["metrics"]
+        assert m["streams"][0]["top1"] != m["streams"][1]["top1"]
+        assert m["top1"] == m["streams"][keep]["top1"], weights
     # features cached once == re-encoded every epoch (deterministic crop): identical metrics
     base = ["--ckpt", str(ckpts[METHODS[0]]), "--task", "linear", "--data_dir", eval_data,
             "--epochs", "3", "--eval_every", "1", "--train_crop", "center:0.9", "--results", str(res)]
