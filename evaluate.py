@@ -728,7 +728,7 @@ def load_untrimmed(data_dir, dataset, part) -> Untrimmed:
         raise UserError(f"{d}: {part} arrays disagree: data {data.shape}, label {labels.shape}, "
                         f"{len(nf)} num_frame, {len(videos)} video names")
     nf = np.clip(nf, 1, data.shape[1])
-    common.check_finite(data, files["data.npy"])
+    common.check_finite(data, files["data.npy"], chunk=8)  # whole videos: ~100 MB blocks on PKU-I
     gts = []
     for i, v in enumerate(videos):
         f = d / f"{part}_gt" / f"{v}.txt"
@@ -1266,6 +1266,13 @@ def main(argv=None):
     data_dir = args.data_dir or lds[0].margs.data_dir
     results = Path(args.results or Path(lds[0].path).parent / "results.jsonl")
     results_dir = results.parent
+    for task in args.task:  # every task's protocol values checked before the first one runs
+        if task == "detection":
+            detection_protocol(args)
+        else:
+            kind = "finetune" if task in ("semi", "finetune", "transfer") else "linear"
+            for ld in lds:
+                protocol(args, ld, kind, *resolve_target(args, ld, task))
     for task in args.task:
         dataset, split = resolve_target(args, lds[0], task)
         common.seed_everything(args.seed)

@@ -573,9 +573,9 @@ def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
                          (["--lr", "-1"], "--lr -1.0 must be > 0"),
                          (["--det_hop", "0"], "--det_hop 0: must be >= 1"),
                          (["--occ_ratio", "0.5"], "--occ_ratio .0.5.: expected two values")):
-        with pytest.raises(common.UserError, match=match):
-            ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--data_dir", eval_data, "--results",
-                     str(tmp_path / "r.jsonl"), *flags])
+        with pytest.raises(common.UserError, match=match):  # before any data is read
+            ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--data_dir", str(tmp_path / "no_data"),
+                     "--task", "knn", "semi", "--results", str(tmp_path / "r.jsonl"), *flags])
     assert not (tmp_path / "r.jsonl").exists()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpts[METHODS[0]].read_bytes()[:5000])
