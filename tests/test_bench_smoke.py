@@ -1,6 +1,6 @@
 """tests/bench.py is a benchmark, not a test, but it drives every method's training step through the
-scripts' own functions: this runs its quick training-step measurement once (no timing asserted) so
-that an API change in a method file cannot silently break the benchmark."""
+scripts' own functions: this runs its quick training-step and PCM3++ GRU measurements once (no timing
+asserted) so that an API change in a method file cannot silently break the benchmark."""
 import json
 import math
 import os
@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_quick_train_steps_run_for_every_method():
+def test_bench_quick_train_steps_and_gru_run():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "tests/bench.py", "--only", "train", "--quick",
+    p = subprocess.run([sys.executable, "tests/bench.py", "--only", "train,pcm3pp_gru", "--quick",
                         "--repeats", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -24,4 +24,8 @@ def test_bench_quick_train_steps_run_for_every_method():
     for method, r in steps.items():
         assert r["device"] == "cpu" and r["samples_per_s"] > 0, method
         assert math.isfinite(r["first_loss"]) and r["params"] > 0, method
-    assert recs[-1]["what"] == "summary"
+    gru = {r["config"]["impl"]: r for r in recs if r["what"] == "pcm3pp_gru"}
+    assert set(gru) == {"step_by_step_official", "whole_sequence", "recurrent_floor"}
+    assert gru["whole_sequence"]["same_output"], gru["whole_sequence"]["max_abs_diff"]
+    assert gru["recurrent_floor"]["max_speedup_vs_step_by_step"] > 0
+    assert recs[-1]["what"] == "summary" and "pcm3pp_gru_recurrent_bound" in recs[-1]
