@@ -139,12 +139,12 @@ class STGCNBlock(nn.Module):
         res = 0 if self.residual is None else self.residual(x)
         y = self.gcn(x)
         n, kc, t, v = y.shape
-        # sum_k y_k @ A_k as ONE matmul over the (k, v) pairs: same result as ST-GCN's einsum
-        # "nkctv,kvw->nctw", ~25% faster on CPU than the bmm einsum dispatches to
-        y = y.view(n, self.k, kc // self.k, t, v).permute(0, 2, 3, 1, 4)
-        y = y.reshape(n, -1, t, self.k * v)
-        y = y @ a.to(y.dtype).reshape(self.k * v, -1)  # (NM, C, T, V)
-        return F.relu(self.tcn(y) + res)
+        # sum_k y_k @ A_k (ST-GCN's einsum "nkctv,kvw->nctw") as one batched matmul of the
+        # (C*T, V) slices of y by their subset's A_k, then the sum over k: no permuted copy of y
+        # (the einsum's bmm and a single (k, v)-contraction both need one); forward + backward of
+        # the aggregation ~25% faster on CPU at widths 64-256, equal at the quick width 8.
+        y = torch.matmul(y.view(n, self.k, kc // self.k * t, v), a.to(y.dtype)[None]).sum(1)
+        return F.relu(self.tcn(y.view(n, kc // self.k, t, v)) + res)
 
 
 def stgcn_init(module):

@@ -556,7 +556,7 @@ def pcm3_official(s, x, nf):
 
 def _official_stgcn_block(self, x, a):
     """st-gcn's st_gcn.forward with ConvTemporalGraphical: the graph aggregation as
-    einsum('nkctv,kvw->nctw') (mcc.py: one matmul over the (k, v) pairs)."""
+    einsum('nkctv,kvw->nctw') (mcc.py: a batched matmul per subset, then the sum over k)."""
     res = 0 if self.residual is None else self.residual(x)
     y = self.gcn(x)
     n, kc, t, v = y.shape

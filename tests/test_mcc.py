@@ -32,6 +32,32 @@ def test_stgcn_backbone_matches_official_counts():
     assert all(b.tcn[4].p == 0.5 for b in enc.blocks[1:])
 
 
+def test_block_graph_aggregation_equals_stgcn_einsum():
+    """The block's batched per-subset matmul + sum over k is ST-GCN's einsum 'nkctv,kvw->nctw'
+    (ConvTemporalGraphical), forward and both gradients (y's and the edge-weighted A's)."""
+    torch.manual_seed(0)
+    block = mcc.STGCNBlock(4, 6, 3, stride=2, dropout=0.0).double().train()
+    x = torch.randn(5, 4, 12, 25, dtype=torch.float64)
+    a = torch.rand(3, 25, 25, dtype=torch.float64)
+
+    def official(blk, x, a):  # yysijie/st-gcn st_gcn.forward
+        res = blk.residual(x)
+        y = blk.gcn(x)
+        n, kc, t, v = y.shape
+        y = torch.einsum("nkctv,kvw->nctw", y.view(n, blk.k, kc // blk.k, t, v), a)
+        return F.relu(blk.tcn(y.contiguous()) + res)
+
+    twin = copy.deepcopy(block)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    out, ref = block(x, a1), official(twin, x, a2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(block.gcn.weight.grad, twin.gcn.weight.grad, rtol=0, atol=1e-10)
+
+
 def test_shapes_encoder_dense_decoder():
     args = mcc.Args(base_width=4, queue_size=16, proj_dim=8)
     model = mcc.Model(args).eval()
@@ -295,16 +321,20 @@ def test_end_to_end_resume_and_torchrun(tiny_data, tmp_path, run_py):
 
     # torchrun: same batches, clips, SyncBN statistics and gathered keys. Step 1 runs identical
     # weights, step 2 follows one averaged update; later steps drift by float32 rounding that the
-    # tiny ST-GCN amplifies (a 1-process run with 2 OMP threads drifts as well; measured rel.
-    # 4e-4 at step 5). The float64 test below shows the computation itself is the same.
+    # tiny ST-GCN amplifies ~10x per step (a 1-process run with 2 OMP threads drifts as well).
+    # Float32 gradients of this tiny net are off by up to ~1e-3 (relative, against float64), so
+    # after one update the small hinge (triplet) and MSE (itep) terms differ by ~5e-4 and at step 4
+    # by up to 5%, while the total and NCE stay within 0.4% (measured with two float32 forms of the
+    # graph aggregation, both exact in float64): steps 3-5 compare the total and NCE only. The
+    # float64 test below shows the computation itself is the same.
     def steps(d):
         lines = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
         return [m for m in lines if "triplet" in m]
     single, multi = steps(part)[:5], steps(ddp)
     assert len(multi) == 5 and [s["step"] for s in multi] == [1, 2, 3, 4, 5]
     for i, (a, b) in enumerate(zip(single, multi)):
-        for key in ("loss", "triplet", "nce", "itep"):
-            tol = 1e-5 if i == 0 else 5e-4 if i == 1 else 5e-2
+        for key in ("loss", "triplet", "nce", "itep") if i < 2 else ("loss", "nce"):
+            tol = 1e-5 if i == 0 else (5e-4 if key in ("loss", "nce") else 2e-3) if i == 1 else 2e-2
             assert b[key] == pytest.approx(a[key], rel=tol, abs=1e-6), (i, key)
     q2 = _model_state(ddp / "last.pt")  # keys of step 1 come from identical key encoders
     torch.testing.assert_close(q2["queue"][:24], one_epoch["queue"][:24], rtol=1e-4, atol=1e-5)
