@@ -28,13 +28,17 @@ moves the key encoder in 148 steps), the decoder at the full lr (--decoder_lr_mu
 width 8), the split resident (--data_on_device); the paper run stays the default for every other
 dataset.
 Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps, two runs at a time): 206-220 s
-wall; kNN k=1 (evaluate.py --task knn --baseline random --seed s) for seeds 0, 1, 2: 20.1, 17.8,
-16.6 vs random init 19.2, 20.2, 14.5; semi 10% (--seeds 0 1 2: labelled subsets 0, 1, 2), means
-for seeds 0, 1, 2: 10.3, 10.5, 12.5 vs 9.6, 13.0, 11.2 (all nine runs 11.1 vs 11.3; seed 0 subset 0
-6.2 vs 9.6); seed 0 linear (30 epochs) 15.0 vs 5.0 (chance: the random-init ST-GCN's eval-mode
-features are ~1e-7). So neither kNN nor the 10%-label fine-tuning (evaluate.py --task semi, ST-GCN
-recipe) reliably beats random init. With the default 2 threads on a machine loaded by other jobs,
-OpenMP contention made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
+wall; kNN k=1 (evaluate.py --task knn --baseline random --seed s) for seeds 0, 1, 2: 20.4, 16.8,
+13.8 vs random init 19.2, 20.2, 14.5; seed 0: linear (30 epochs) 15.3 vs 5.0 (chance: the
+random-init ST-GCN's eval-mode features are ~1e-7), semi 10% (subset 0) 8.5 vs 13.7. The build
+before the graph aggregation was reordered (float32 rounding only) gave kNN 20.1, 17.8, 16.6 and
+seed 0 semi 6.2 vs 9.6 (the random-init fine-tune moved by 4 points too): rounding-level changes
+move these runs by several points. With that build, semi 10% over labelled subsets 0, 1, 2
+(--seeds 0 1 2), means for seeds 0, 1, 2: 10.3, 10.5, 12.5 vs 9.6, 13.0, 11.2 (all nine runs 11.1 vs
+11.3). So neither kNN nor the
+10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) reliably beats random init. With the
+default 2 threads on a machine loaded by other jobs, OpenMP contention made a step cost ~5x the CPU
+time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
 Everything below was measured before the queue's keys of the query's own sequence were masked (38%
 of the quick start's queries in epochs 2-4 had their previous-epoch key among the negatives); kNN
 k=1 was then 21.3, 17.3, 15.9 and semi 10% 9.2 (seed 0, subset 0). Seed 0, 1 thread: at lr 0.1 the
