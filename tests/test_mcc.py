@@ -34,22 +34,16 @@ def test_stgcn_backbone_matches_official_counts():
 
 def test_block_graph_aggregation_equals_stgcn_einsum():
     """The block's batched per-subset matmul + sum over k is ST-GCN's einsum 'nkctv,kvw->nctw'
-    (ConvTemporalGraphical), forward and both gradients (y's and the edge-weighted A's)."""
+    (ConvTemporalGraphical; tests/bench.py's port of st_gcn.forward, which official_step times),
+    forward and both gradients (y's and the edge-weighted A's)."""
+    import bench
     torch.manual_seed(0)
     block = mcc.STGCNBlock(4, 6, 3, stride=2, dropout=0.0).double().train()
     x = torch.randn(5, 4, 12, 25, dtype=torch.float64)
     a = torch.rand(3, 25, 25, dtype=torch.float64)
-
-    def official(blk, x, a):  # yysijie/st-gcn st_gcn.forward
-        res = blk.residual(x)
-        y = blk.gcn(x)
-        n, kc, t, v = y.shape
-        y = torch.einsum("nkctv,kvw->nctw", y.view(n, blk.k, kc // blk.k, t, v), a)
-        return F.relu(blk.tcn(y.contiguous()) + res)
-
     twin = copy.deepcopy(block)
     a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
-    out, ref = block(x, a1), official(twin, x, a2)
+    out, ref = block(x, a1), bench._official_stgcn_block(twin, x, a2)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     g = torch.randn_like(out)
     out.backward(g)
