@@ -35,9 +35,8 @@ before the graph aggregation was reordered (float32 rounding only) gave kNN 20.1
 seed 0 semi 6.2 vs 9.6 (the random-init fine-tune moved by 4 points too): rounding-level changes
 move these runs by several points. With that build, semi 10% over labelled subsets 0, 1, 2
 (--seeds 0 1 2), means for seeds 0, 1, 2: 10.3, 10.5, 12.5 vs 9.6, 13.0, 11.2 (all nine runs 11.1 vs
-11.3). So neither kNN nor the
-10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe) reliably beats random init. With the
-default 2 threads on a machine loaded by other jobs, OpenMP contention made a step cost ~5x the CPU
+11.3). So neither kNN nor the 10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe)
+reliably beats random init. With the default 2 threads on a machine loaded by other jobs, OpenMP contention made a step cost ~5x the CPU
 time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
 Everything below was measured before the queue's keys of the query's own sequence were masked (38%
 of the quick start's queries in epochs 2-4 had their previous-epoch key among the negatives); kNN
@@ -405,6 +404,8 @@ def check_args(args):
     if args.queue_size < args.batch_size:
         raise common.UserError(f"--queue_size {args.queue_size} must be >= --batch_size "
                                f"{args.batch_size}")
+    if args.epochs < 1 or args.log_every < 1 or args.save_every < 1:
+        raise common.UserError("--epochs, --log_every and --save_every must be >= 1")
 
 
 def main(argv=None):

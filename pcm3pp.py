@@ -480,6 +480,11 @@ def _check(a: Args):
                                f"frames), a multiple of 4 and of --mask_chunks {a.mask_chunks}")
     if a.batch_size < 3:
         raise common.UserError("--batch_size must be at least 3 (the mixing partner shift is 1..N-2)")
+    if min(a.epochs, a.post_distill_epochs) < 0 or a.epochs + a.post_distill_epochs < 1:
+        raise common.UserError(f"--epochs {a.epochs} / --post_distill_epochs {a.post_distill_epochs}: "
+                               f"must be >= 0 with at least one epoch in all")
+    if a.log_every < 1 or a.save_every < 1:
+        raise common.UserError("--log_every and --save_every must be >= 1")
 
 
 # Args a post-distillation run must share with its stage-one checkpoint (data, stream, model, loss).
