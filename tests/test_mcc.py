@@ -52,6 +52,13 @@ def test_block_graph_aggregation_equals_stgcn_einsum():
     torch.testing.assert_close(block.gcn.weight.grad, twin.gcn.weight.grad, rtol=0, atol=1e-10)
 
 
+def test_check_args_rejects_empty_schedules():
+    mcc.check_args(mcc.Args())  # the paper run is valid
+    for bad in (dict(epochs=-3), dict(epochs=0), dict(log_every=0), dict(save_every=0)):
+        with pytest.raises(common.UserError, match="--epochs, --log_every and --save_every"):
+            mcc.check_args(mcc.Args(**bad))
+
+
 def test_shapes_encoder_dense_decoder():
     args = mcc.Args(base_width=4, queue_size=16, proj_dim=8)
     model = mcc.Model(args).eval()

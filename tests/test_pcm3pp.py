@@ -356,6 +356,10 @@ def test_cli_help_and_bad_flags(capsys):
     for flags in (["--mask_chunks", "0"], ["--queue_size", "64"]):
         with pytest.raises(common.UserError, match="--mask_chunks .* --queue_size"):
             pcm3pp.main(flags)
+    with pytest.raises(common.UserError, match="--epochs -3 / --post_distill_epochs"):
+        pcm3pp.main(["--epochs", "-3"])  # used to "finish" at once and write an untrained last.pt
+    with pytest.raises(common.UserError, match="--save_every must be >= 1"):
+        pcm3pp.main(["--save_every", "0"])
 
 
 def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path, run_py):
