@@ -72,6 +72,7 @@ T_REAL = 300    # frames stored for real data (2s-AGCN gendata)
 T_SYNTH = 150   # frames stored for synthetic data (clips are 40..120 frames long)
 MAX_BODY_KINECT = 4
 MAX_BODY = 2
+PKU_LABELS = 51  # raw PKU-MMD I/II label IDs run 1..51 (protocols.md section 8)
 NTU60_TRAIN_SUBJECTS = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
 NTU120_TRAIN_SUBJECTS = NTU60_TRAIN_SUBJECTS + (
     45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86, 89,
@@ -192,10 +193,12 @@ def _progress(it, total: int, desc: str, quiet: bool):
                 dynamic_ncols=True)
 
 
-def _numbers(path, lines: list[str], per_line: int, lineno=lambda i: i + 1) -> np.ndarray:
-    """Parse `lines`, each holding `per_line` numbers -> (len, per_line) float64. Fast path: one
-    C-level parse of the joined block; on any mismatch find the offending line (`lineno(i)` is the
-    1-based file line of lines[i]) and name it."""
+def _numbers(path, lines: list[str], per_line: int, lineno=lambda i: i + 1,
+             finite: int | None = None) -> np.ndarray:
+    """Parse `lines`, each holding `per_line` numbers -> (len, per_line) float64; the first `finite`
+    columns (all when None) must be finite, the others may be nan/inf (the reference's float()
+    accepts them). Fast path: one C-level parse of the joined block; otherwise a line-by-line parse
+    that names the offending line (`lineno(i)` is the 1-based file line of lines[i])."""
     # A "nan" after every line marks its end: a line one value short next to one a value long
     # keeps the total count right but moves a marker off the last column.
     with warnings.catch_warnings():
@@ -208,18 +211,23 @@ def _numbers(path, lines: list[str], per_line: int, lineno=lambda i: i + 1) -> n
         vals = vals.reshape(len(lines), per_line + 1)
         if np.isnan(vals[:, -1]).all() and np.isfinite(vals[:, :-1]).all():
             return vals[:, :-1]
+    n_finite = per_line if finite is None else finite
+    rows = []
     for i, line in enumerate(lines):
         tok = line.split()
         if len(tok) != per_line:
             raise _bad(path, lineno(i), f"expected {per_line} values, found {len(tok)}")
-        for t in tok:
+        row = []
+        for c, t in enumerate(tok):
             try:
                 x = float(t)
             except ValueError:
                 raise _bad(path, lineno(i), f"non-numeric value {t!r}") from None
-            if not math.isfinite(x):
+            if c < n_finite and not math.isfinite(x):
                 raise _bad(path, lineno(i), f"non-finite value {t!r}")
-    raise _bad(path, None, "unparsable numbers")  # not reached: one of the lines is wrong
+            row.append(x)
+        rows.append(row)
+    return np.array(rows, dtype=np.float64).reshape(len(lines), per_line)
 
 
 def _count(path, lines: list[str], i: int, what: str) -> int:
@@ -263,9 +271,11 @@ def read_ntu_skeleton(path, max_body: int = MAX_BODY_KINECT) -> np.ndarray:
     data = np.zeros((max_body, n_frames, 25, 3), dtype=np.float32)
     if not starts:
         return data
-    _numbers(path, [lines[k] for k in info], 10, lambda j: info[j] + 1)  # body info lines
+    # Only x, y, z (the first 3 of a joint line's 12 values) are used and must be finite; the
+    # body-info line and the depth/colour/orientation columns only have to parse.
+    _numbers(path, [lines[k] for k in info], 10, lambda j: info[j] + 1, finite=0)
     joint_lines = [line for s in starts for line in lines[s:s + 25]]
-    vals = _numbers(path, joint_lines, 12, lambda j: starts[j // 25] + j % 25 + 1)
+    vals = _numbers(path, joint_lines, 12, lambda j: starts[j // 25] + j % 25 + 1, finite=3)
     m, f = np.array(slots).T
     keep = m < max_body
     data[m[keep], f[keep]] = vals.reshape(-1, 25, 12)[keep, :, :3]
@@ -323,9 +333,9 @@ def read_pku_labels(path) -> np.ndarray:
             vals = [int(float(t)) for t in tok]
         except ValueError:
             raise _bad(path, i + 1, f"non-numeric value in {line.strip()!r}") from None
-        if vals[1] < 0 or vals[2] <= vals[1] or vals[0] < 1:
-            raise _bad(path, i + 1,
-                       f"bad instance {line.strip()!r} (need label >= 1, 0 <= start < end)")
+        if vals[1] < 0 or vals[2] <= vals[1] or not 1 <= vals[0] <= PKU_LABELS:
+            raise _bad(path, i + 1, f"bad instance {line.strip()!r} "
+                       f"(need 1 <= label <= {PKU_LABELS}, 0 <= start < end)")
         rows.append(vals)
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 

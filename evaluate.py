@@ -34,7 +34,8 @@ config, to --results, default <checkpoint folder>/results.jsonl):
              features; mean and 95% CI, seeded, episodes saved; 1- and 5-shot share the episodes.
   occlusion  linear head trained on clean clips, tested on occluded test clips: the RA-GCN part / frame
              block table and PCM3++'s random ratio protocol, fixed seeded masks (saved), applied to the
-             raw frames before the crop.
+             raw frames before the crop. On the checkpoint's split: PCM3++'s table is NTU-60 xview
+             (protocols.md 7), so evaluate an xview pre-training to compare with it.
   ensemble   several checkpoints (e.g. joint, bone, motion streams): each gets its linear protocol;
              test softmax scores are summed with --weights.
 On the built-in synthetic data the QUICK values below apply to every flag not given (one semi seed,
@@ -193,7 +194,8 @@ class Args:
     finetune: bool = arg(False, "detection: fine-tune the whole encoder (USDRL) instead of a frozen "
                          "encoder with a linear head (PCM3++)")
     det_stride: int = arg(1, "detection: take every k-th raw frame inside a window")
-    det_hop: int = arg(16, "detection: test window hop in encoder frames (overlaps are averaged)")
+    det_hop: int = arg(16, "detection: test window hop in encoder frames (overlaps are averaged; "
+                       "capped at the encoder window so that every frame is covered)")
     det_windows: int = arg(16, "detection: training windows per video and epoch (official: 16)")
     det_z_align: bool = arg(None, "detection: align each window's spine to z (default: as the "
                             "checkpoint's training data per its prep_info.json, else on; off = "
@@ -842,6 +844,18 @@ def training_z_align(ld: Loaded) -> bool:
         return True
 
 
+def window_starts(L: int, W: int, d: int, hop: int) -> list[int]:
+    """Raw start frames of the test windows (W encoder frames, every d-th raw frame) of a video of L
+    raw frames: one every min(hop, W) * d frames plus one ending with the video. The hop is capped
+    at the window because a gap between windows would leave frames with no prediction (every
+    probability 0, so 1 - P(background) = 1: a false action frame)."""
+    last = max(L - W * d, 0)
+    starts = list(range(0, last + 1, min(hop, W) * d))
+    if starts[-1] != last:
+        starts.append(last)  # the last window ends with the video
+    return starts
+
+
 def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> dict:
     t0 = time.time()
     z_align = training_z_align(ld) if args.det_z_align is None else args.det_z_align
@@ -923,9 +937,7 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
     props, correct, counted = [], 0, 0
     for i, v in enumerate(tqdm(test.videos, desc="test videos", leave=False, file=sys.stderr)):
         L = int(test.num_frame[i])
-        starts = list(range(0, max(L - span, 0) + 1, args.det_hop * d))
-        if starts[-1] != max(L - span, 0):
-            starts.append(max(L - span, 0))  # the last window ends with the video
+        starts = window_starts(L, W, d, args.det_hop)
         acc = torch.zeros(L, C + 1, dtype=torch.float64)
         cnt = torch.zeros(L, dtype=torch.float64)
         for s in range(0, len(starts), args.eval_batch):
@@ -952,7 +964,7 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
     m.update(frame_acc=100.0 * correct / max(1, counted), n_proposals=len(props),
              n_gt=len(test.gts), n_test_videos=len(test.videos), num_classes=C,
              head="finetune" if args.finetune else "frozen_linear", epochs=p["epochs"],
-             z_align=z_align,
+             z_align=z_align, det_hop=min(args.det_hop, W),
              proposal_dir=str(proposal_dir), train_s=round(time.time() - t0, 2))
     return m
 

@@ -192,6 +192,8 @@ def test_malformed_raw_files(tmp_path):
         # one value too many, the next line one too few: the total count still fits
         "shifted": ("\n".join(lines[:10] + [lines[10] + " 9.9", " ".join(lines[11].split()[:11])]
                               + lines[12:]), ":11: expected 12 values, found 13"),
+        "nan_xyz": ("\n".join(lines[:10] + [" ".join(["nan"] + lines[10].split()[1:])] + lines[11:]),
+                    ":11: non-finite value 'nan'"),
     }
     for name, (text, msg) in cases.items():
         bad = tmp_path / f"{name}.skeleton"
@@ -200,6 +202,13 @@ def test_malformed_raw_files(tmp_path):
             D.read_ntu_skeleton(bad)
         assert str(bad) in str(e.value) and msg in str(e.value), (name, str(e.value))
         assert "\n" not in str(e.value)
+    # Only x, y, z must be finite: the reference's float() accepts nan/inf in the depth/colour/
+    # orientation columns and in the body-info line, which are never used.
+    tok = lines[10].split()
+    odd = "\n".join(lines[:2] + [" ".join(lines[2].split()[:-1] + ["nan"])] + lines[3:10]
+                    + [" ".join(tok[:5] + ["-Infinity", "inf"] + tok[7:])] + lines[11:])
+    f.write_text(odd)
+    assert np.array_equal(D.read_ntu_skeleton(f)[:2], xyz)
     pku = tmp_path / "0001-L.txt"
     D.write_pku_skeleton(pku, np.ones((4, 2, 25, 3), dtype=np.float32))
     rows = pku.read_text().splitlines()
@@ -212,6 +221,12 @@ def test_malformed_raw_files(tmp_path):
     lab.write_text("5,10,40,1\n7,x,9,2\n")
     with pytest.raises(C.UserError, match=r"lab.txt:2: non-numeric"):
         D.read_pku_labels(lab)
+    lab.write_text("51,10,40,1\n")                                          # the last class
+    assert D.read_pku_labels(lab).tolist() == [[51, 10, 40, 1]]
+    for row in ("52,10,40,1", "0,10,40,1", "255,10,40,1"):   # 255 would wrap the uint8 frame labels
+        lab.write_text(f"5,1,4,1\n{row}\n")
+        with pytest.raises(C.UserError, match=r"lab.txt:2: bad instance .*1 <= label <= 51"):
+            D.read_pku_labels(lab)
     split = tmp_path / "cross-subject.txt"
     split.write_text("Training videos: \n0002-L, 0002-M,\nValidataion videos: \n0291-R, \n")
     assert D.read_pku_split(split) == (["0002-L", "0002-M"], ["0291-R"])

@@ -510,6 +510,22 @@ def test_protocol_values_per_method(method, kind):
                        "ntu60", "xsub")["lr"] == 0.5  # a flag overrides the method's default
 
 
+def test_detection_test_windows_cover_every_frame():
+    """A hop larger than the window used to leave frames without any window: their probabilities
+    stayed 0, so 1 - P(background) = 1 made them action frames (a false proposal)."""
+    for L in (1, 7, 8, 9, 31, 100, 257):
+        for W, d, hop in [(8, 1, 16), (8, 2, 16), (16, 1, 16), (16, 3, 5), (4, 1, 1), (32, 1, 64)]:
+            starts = ev.window_starts(L, W, d, hop)
+            covered = np.zeros(L, dtype=bool)
+            for st in starts:
+                covered[st:st + W * d] = True
+            assert covered.all(), (L, W, d, hop)
+            assert starts[0] == 0 and starts[-1] == max(L - W * d, 0)
+            assert all(b - a <= min(hop, W) * d for a, b in zip(starts, starts[1:]))
+    assert ev.window_starts(101, 8, 1, 4) == list(range(0, 93, 4)) + [93]
+    assert ev.window_starts(100, 8, 1, 16) == list(range(0, 89, 8)) + [92]   # hop capped at 8
+
+
 def test_detection_protocol_values():
     args = common.parse_args(ev.Args, ["--ckpt", "x.pt"])
     p = ev.detection_protocol(args)
