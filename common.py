@@ -516,21 +516,22 @@ def _python_rng_state() -> dict:
 
 
 def set_rng_state(state: dict, *generators: torch.Generator) -> None:
-    """Restore rng_state(). Generator states of another device type (a GPU run resumed on CPU or
-    back) are skipped: every script re-seeds its generators at each epoch start."""
+    """Restore rng_state() (from a checkpoint loaded to any device: every state is a CPU
+    ByteTensor again before use). Generator states of another device type (a GPU run resumed on
+    CPU or back) are skipped: every script re-seeds its generators at each epoch start."""
     py = state["python"]
     if isinstance(py, dict):  # checkpoints before this format stored pickled bytes: not restored
         random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():  # as many devices as both runs have
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
+            torch.cuda.set_rng_state(s.cpu(), i)
     for g, s in zip(generators, state["generators"]):
         if s.numel() == g.get_state().numel():
-            g.set_state(s)
+            g.set_state(s.cpu())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ paper's negatives come "from other samples", and K exceeds NTU-60's 40k sequence
 interpolation: a decoder maps the encoder map of b and of p to 2x as many frames, target = stride
 r/2 frames (r = 1: the clip twice).
 
+Data: the shared processed arrays (SPEC section 3: 2s-AGCN pre-normalised, centred and aligned),
+not ST-GCN's own NTU arrays of raw camera coordinates (methods.md 4.4), so all four methods train
+and evaluate on the same clips.
+
 Downstream: `Encoder(args)(x)` -> pooled 256-d ST-GCN feature; `dense(x)` -> the ST-GCN map pooled
 over joints and bodies, linearly upsampled to the input length. MCC's own protocol is fine-tuning
 (evaluate.py --task finetune; semi and transfer use the same recipe); `window` = 64 frames, the
@@ -36,8 +40,10 @@ seed 0 semi 6.2 vs 9.6 (the random-init fine-tune moved by 4 points too): roundi
 move these runs by several points. With that build, semi 10% over labelled subsets 0, 1, 2
 (--seeds 0 1 2), means for seeds 0, 1, 2: 10.3, 10.5, 12.5 vs 9.6, 13.0, 11.2 (all nine runs 11.1 vs
 11.3). So neither kNN nor the 10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe)
-reliably beats random init. With the default 2 threads on a machine loaded by other jobs, OpenMP contention made a step cost ~5x the CPU
-time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
+reliably beats random init. Nor do 16 epochs (--epochs 16 --lr_steps 12, seeds 0 / 1): kNN
+17.9 / 15.1, semi 10% 10.4 / 13.0 against 19.2 / 20.2 and 13.7 / 11.5 (README, "Longer
+pre-training"). With the default 2 threads on a machine loaded by other jobs, OpenMP contention
+made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
 Everything below was measured before the queue's keys of the query's own sequence were masked (38%
 of the quick start's queries in epochs 2-4 had their previous-epoch key among the negatives); kNN
 k=1 was then 21.3, 17.3, 15.9 and semi 10% 9.2 (seed 0, subset 0). Seed 0, 1 thread: at lr 0.1 the
@@ -431,7 +437,7 @@ def main(argv=None):
     start_epoch, step, metrics = 0, 0, {}
     ckpt_path = out / "last.pt"
     if args.resume:  # a missing last.pt is an error (as in the other scripts), not a fresh start
-        ckpt = common.load_checkpoint(ckpt_path, METHOD, map_location=dev)
+        ckpt = common.load_checkpoint(ckpt_path, METHOD)  # on CPU: RNG states must stay there
         common.load_state(model, ckpt["model"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         common.load_scaler(scaler, ckpt["scaler"])
