@@ -1014,10 +1014,11 @@ def _block_size(N: int, device: torch.device) -> int:
 
 
 def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
-                   sel: torch.Tensor) -> torch.Tensor:
+                   sel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out[n, :, t, v, m] = (a_sel[n] if sel[n, v] else a_other[n]) @ x[n, :, t, v, m].
 
-    x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M). Three
+    x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M), written into
+    `out` when given (a contiguous tensor of x's shape, e.g. one view's rows of a batch). Three
     broadcast multiply-adds over a (N, 3, T, V*M) layout (contiguous V*M inner loops).
 
     Measured alternatives (CPU, 256 x (3, 64, 25, 2), one thread, process CPU time) that were
@@ -1030,17 +1031,18 @@ def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
     mats = torch.where(sel_vm[:, None, None, None, :], a_sel.to(x.dtype)[..., None, None],
                        a_other.to(x.dtype)[..., None, None])                    # (N, 3, 3, 1, V*M) [n, c, k]
     xf = x.reshape(N, 3, 1, T, V * M)
-    out = torch.empty(N, 3, T, V * M, dtype=x.dtype, device=x.device)
+    res = out.view(N, 3, T, V * M) if out is not None else torch.empty(N, 3, T, V * M, dtype=x.dtype,
+                                                                      device=x.device)
     # Per-block views built up front by split (fewer Python-level slicing calls per block).
     step = _block_size(N, x.device)
-    o_blk = out.split(step)
+    o_blk = res.split(step)
     x_blk = [xf[:, k].split(step) for k in range(3)]                            # [k][block] (n, 1, T, V*M)
     m_blk = [mats[:, :, k].split(step) for k in range(3)]                       # [k][block] (n, 3, 1, V*M)
     for i, o in enumerate(o_blk):                                               # o (n, 3, T, V*M)
         torch.mul(x_blk[0][i], m_blk[0][i], out=o)
         o.addcmul_(x_blk[1][i], m_blk[1][i])
         o.addcmul_(x_blk[2][i], m_blk[2][i])
-    return out.view(N, 3, T, V, M)
+    return res.view(N, 3, T, V, M)
 
 
 def _zero_joints(x: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
@@ -1255,21 +1257,22 @@ def joint_corruption(x: torch.Tensor, g: torch.Generator, n_joints: int = 15, p:
     return _per_joint_map(x, a_sel, _eye(N, dev), joints)
 
 
-def corrupt_or_shear(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def corrupt_or_shear(x: torch.Tensor, g: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
     """USDRL/PCM3 view rule (methods.md 1.4, 3A.1): per sample, with probability 0.5
     joint_corruption, otherwise shear; both become one per-(sample, joint) 3x3 map M (zero matrix
     on zeroed joints, R^T on mixed ones, S on every joint of a sheared sample, identity elsewhere),
     applied to the whole batch at once by _per_joint_map (three cache-blocked multiply-adds, no
     per-branch intermediate batches).
 
-    x (N, 3, T, V, M) -> same.  Draws: rand(N) (branch), _corruption_params, rand(N, 6) (shear)."""
+    x (N, 3, T, V, M) -> same (written into `out` when given, see _per_joint_map).
+    Draws: rand(N) (branch), _corruption_params, rand(N, 6) (shear)."""
     _check_batch(x, "corrupt_or_shear")
     N, V, dev = x.shape[0], x.shape[3], x.device
     use_corruption = (torch.rand(N, generator=g, device=dev) < 0.5)[:, None, None]
     a_sel, joints = _corruption_params(g, N, V, 15, dev)
     S = _shear_matrices(g, N, 1.0, dev)
     return _per_joint_map(x, torch.where(use_corruption, a_sel, S),
-                          torch.where(use_corruption, torch.eye(3, device=dev), S), joints)
+                          torch.where(use_corruption, torch.eye(3, device=dev), S), joints, out)
 
 
 def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: float = 1.0) -> torch.Tensor:

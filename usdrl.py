@@ -340,12 +340,18 @@ def make_views(x, num_frame, g, args):
     Each view independently: crop-resize (ratio in crop_scale, at least `window` frames) then joint
     corruption or shear with p = 0.5 (methods.md 1.1/1.4), then the modality (bone/motion are
     computed on the augmented `window`-frame view, as the official `modality_generation`)."""
-    views = []
-    for _ in range(args.views):
+    b, out = x.shape[0], None
+    for k in range(args.views):
         v = common.crop_resize(x, num_frame, g, out_len=args.window, scale=tuple(args.crop_scale),
                                min_len=args.window)
-        views.append(common.to_modality(common.corrupt_or_shear(v, g), args.modality))
-    return torch.cat(views)
+        if out is None:
+            out = v.new_empty(args.views * b, *v.shape[1:])
+        dst = out[k * b:(k + 1) * b]                 # each view lands in its rows: no torch.cat copy
+        if args.modality == "joint":
+            common.corrupt_or_shear(v, g, out=dst)
+        else:
+            dst.copy_(common.to_modality(common.corrupt_or_shear(v, g), args.modality))
+    return out
 
 
 def forward_loss(net, views, args, device):

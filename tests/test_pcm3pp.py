@@ -364,13 +364,16 @@ def test_cli_help_and_bad_flags(capsys):
 
 def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path, run_py):
     full, part, post = tmp_path / "full", tmp_path / "part", tmp_path / "post"
-    base = ["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY, "--epochs", "1"]
+    # --lr_steps 0: x0.1 from the first epoch, so stage one's final lr (post-distillation's, SPEC 5)
+    # differs from --lr
+    base = ["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY, "--epochs", "1",
+            "--lr_steps", "0"]
     run_py([*base, "--post_distill_epochs", "1", "--out_dir", full])
     run_py([*base, "--post_distill_epochs", "0", "--out_dir", part])
     stage1 = _state(part / "last.pt")
     proc = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
-                   "--post_distill_from", part / "last.pt", "--post_distill_epochs", "1",
-                   "--out_dir", post])
+                   "--lr_steps", "0", "--post_distill_from", part / "last.pt",
+                   "--post_distill_epochs", "1", "--out_dir", post])
     assert "post-distillation from" in proc.stdout
     proc = run_py([*base, "--post_distill_epochs", "1", "--out_dir", part, "--resume"])
     assert "resumed from" in proc.stdout
@@ -400,6 +403,8 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
     step_lines = [r for r in lines if "stage" in r]
     assert {"loss", "rec", "nce_clip", "kd_clip", "lr", "samples_per_s", "eta"} <= set(step_lines[0])
     assert [r["stage"] for r in step_lines] == [1, 1, 2, 2]
+    lr = json.loads((full / "args.json").read_text())["lr"]          # the quick start's 0.05
+    assert all(abs(r["lr"] - 0.1 * lr) < 1e-12 for r in step_lines), [r["lr"] for r in step_lines]
     # post-distillation drops every InfoNCE term: loss = kd sum + 40 rec
     r = step_lines[-1]
     kd = sum(r[f"kd_{n}"] for n in pcm3pp.PAIRS)

@@ -295,4 +295,4 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path, torchrun_vs_one):
         assert torch.allclose(one["buffers"][k], two["buffers"][k], rtol=0, atol=1e-10), k
     ck = _state(out / "last.pt")
     assert ck["epoch"] == 1 and ck["args"]["batch_size"] == 16
-    assert not list(out.glob("*.tmp*")) and len((out / "log.txt").read_text().splitlines()) >= 2
+    assert not list(out.glob(".last.pt.*")) and len((out / "log.txt").read_text().splitlines()) >= 2
