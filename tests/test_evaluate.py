@@ -535,15 +535,46 @@ def test_detection_protocol_values():
     assert ev.detection_protocol(args)["milestones"] == [50]
 
 
-def test_detection_z_align_follows_the_training_data(tmp_path):
-    def ld(data_dir):
-        margs = type("A", (), {"data_dir": str(data_dir), "dataset": "ntu60", "split": "xsub"})()
+def test_detection_z_align_follows_the_training_data(tmp_path, tiny_data):
+    def ld(data_dir, dataset="ntu60"):
+        margs = type("A", (), {"data_dir": str(data_dir), "dataset": dataset, "split": "xsub"})()
         return ev.Loaded("x.pt", "usdrl", None, margs, {})
     folder = tmp_path / "NTU-RGB-D-60-AGCN"
     assert ev.training_z_align(ld(tmp_path)) is True  # unknown: on
     folder.mkdir()
     (folder / "prep_info.json").write_text(json.dumps({"dataset": "ntu60", "z_align": False}))
     assert ev.training_z_align(ld(tmp_path)) is False  # UmURL/USDRL data (--no_z_align)
+    # producer -> consumer: data_prep records the choice where evaluate looks for it
+    assert ev.training_z_align(ld(tiny_data, "synthetic")) is True
+    data_prep.prepare_synthetic(tmp_path / "noz", "synthetic", size="tiny", quiet=True, z_align=False)
+    assert ev.training_z_align(ld(tmp_path / "noz", "synthetic")) is False
+
+
+def test_occluded_features_come_from_the_occluded_clips(ckpts, eval_data):
+    """extract(occlude=fn) hands fn each raw batch with its sample indices and encodes what fn
+    returns: an occlusion that is not applied would make every occluded top-1 equal the clean one."""
+    ld = ev.load_ckpt(str(ckpts[METHODS[0]]))
+    enc = ev.build_encoder(ld, False, 0, torch.device("cpu"))
+    test = common.load_split(eval_data, "synthetic", "xsub", "val")
+    args = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--eval_batch", "7"])
+    crop = ev.parse_crop("center:0.95", "test_crop")
+    seen = []
+
+    def hands_off(x, nf, idx):
+        seen.append(np.asarray(idx).copy())
+        y = x.clone()
+        y[:, :, :, 12:20] = 0                                    # the legs, every frame
+        return y
+    idx = np.arange(5, 30)
+    clean, y0 = ev.extract(enc, ld, test, crop, args, torch.device("cpu"), indices=idx)
+    occl, y1 = ev.extract(enc, ld, test, crop, args, torch.device("cpu"), indices=idx,
+                          occlude=hands_off)
+    assert np.array_equal(np.concatenate(seen), idx) and [len(i) for i in seen] == [7, 7, 7, 4]
+    assert torch.equal(y0, y1) and clean.shape == occl.shape
+    assert (clean - occl).abs().amax(1).min() > 0               # every sample's feature moved
+    again, _ = ev.extract(enc, ld, test, crop, args, torch.device("cpu"), indices=idx,
+                          occlude=lambda x, nf, i: x)
+    assert torch.equal(again, clean)                             # an identity occluder changes nothing
 
 
 def test_semi_runs_restart_from_the_checkpoint_and_the_baseline_from_random(ckpts, eval_data,
