@@ -1031,8 +1031,9 @@ def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
     mats = torch.where(sel_vm[:, None, None, None, :], a_sel.to(x.dtype)[..., None, None],
                        a_other.to(x.dtype)[..., None, None])                    # (N, 3, 3, 1, V*M) [n, c, k]
     xf = x.reshape(N, 3, 1, T, V * M)
-    res = out.view(N, 3, T, V * M) if out is not None else torch.empty(N, 3, T, V * M, dtype=x.dtype,
-                                                                      device=x.device)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    res = out.view(N, 3, T, V * M)
     # Per-block views built up front by split (fewer Python-level slicing calls per block).
     step = _block_size(N, x.device)
     o_blk = res.split(step)
@@ -1257,7 +1258,8 @@ def joint_corruption(x: torch.Tensor, g: torch.Generator, n_joints: int = 15, p:
     return _per_joint_map(x, a_sel, _eye(N, dev), joints)
 
 
-def corrupt_or_shear(x: torch.Tensor, g: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+def corrupt_or_shear(x: torch.Tensor, g: torch.Generator,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """USDRL/PCM3 view rule (methods.md 1.4, 3A.1): per sample, with probability 0.5
     joint_corruption, otherwise shear; both become one per-(sample, joint) 3x3 map M (zero matrix
     on zeroed joints, R^T on mixed ones, S on every joint of a sheared sample, identity elsewhere),
