@@ -575,7 +575,7 @@ def bench_pcm3pp_gru(opts):
         (med_f, cpu_f, t_f), = floor_time
         floor = record("recurrent_floor", med_f, cpu_f, t_f)
         # If everything but the sequential hidden products were free, this would be the speed-up.
-        floor.update(max_speedup_vs_step_by_step=round(med_s / med_f, 2),
+        floor.update(max_speedup_vs_step_by_step=ratio(med_s, med_f),
                      ours_over_floor=round(med_o / med_f, 2))
         yield floor
 
