@@ -335,22 +335,26 @@ def usdrl_loss(z, args):
 
 
 # ----------------------------------------------------------------------------------------- views
-def make_views(x, num_frame, g, args):
+def make_views(x, num_frame, g, args, out=None):
     """x (b, 3, T_raw, V, M) raw clips on the device -> (K*b, 3, window, V, M), view-major.
     Each view independently: crop-resize (ratio in crop_scale, at least `window` frames) then joint
     corruption or shear with p = 0.5 (methods.md 1.1/1.4), then the modality (bone/motion are
-    computed on the augmented `window`-frame view, as the official `modality_generation`)."""
-    b, out = x.shape[0], None
+    computed on the augmented `window`-frame view, as the official `modality_generation`).
+    `out`: the previous step's views, overwritten when the shape matches. The training loop passes
+    it because on CPU a fresh (K*b, ...) tensor is page-faulted in on every step (~39 MB at the
+    paper's 256 x 4 views: glibc serves blocks over 32 MiB by mmap, never from its free lists)."""
+    b, V, M = x.shape[0], x.shape[3], x.shape[4]
+    shape = (args.views * b, 3, args.window, V, M)
+    if out is None or out.shape != shape or out.dtype != x.dtype or out.device != x.device:
+        out = x.new_empty(shape)
     for k in range(args.views):
-        v = common.crop_resize(x, num_frame, g, out_len=args.window, scale=tuple(args.crop_scale),
-                               min_len=args.window)
-        if out is None:
-            out = v.new_empty(args.views * b, *v.shape[1:])
         dst = out[k * b:(k + 1) * b]                 # each view lands in its rows: no torch.cat copy
+        kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window)
         if args.modality == "joint":
-            common.corrupt_or_shear(v, g, out=dst)
+            common.crop_corrupt_or_shear(x, num_frame, g, out=dst, **kw)
         else:
-            dst.copy_(common.to_modality(common.corrupt_or_shear(v, g), args.modality))
+            dst.copy_(common.to_modality(common.crop_corrupt_or_shear(x, num_frame, g, **kw),
+                                         args.modality))
     return out
 
 
@@ -449,7 +453,7 @@ def train(args, d):
 
     steps_left = (args.epochs - start_epoch) * len(loader)
     t_start, done = time.time(), 0
-    t_log, step_log = t_start, step
+    t_log, step_log, views = t_start, step, None
     bar = tqdm(range(start_epoch, args.epochs), initial=start_epoch, total=args.epochs,
                desc="usdrl", disable=not d.is_main)
     for epoch in bar:
@@ -461,7 +465,7 @@ def train(args, d):
         net.train()
         sums, n = torch.zeros(4, device=device), 0
         for x, num_frame, _ in loader:
-            views = make_views(x, num_frame, g, args)
+            views = make_views(x, num_frame, g, args, out=views)  # reuses last step's buffer
             loss, terms = forward_loss(net, views, args, device)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

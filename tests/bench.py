@@ -11,9 +11,9 @@ in one measurement are timed interleaved). Add a benchmark by writing a function
 
 usdrl_views: USDRL-style pre-training views (methods.md 1.4: crop-resize to 64 frames, then joint
 corruption or shear, 4 views per clip) from one batch of raw (3, 300, 25, 2) clips, built
-  * "batched": usdrl.make_views, the script's own view builder (common.crop_resize +
-    common.corrupt_or_shear on the whole batch, each view written into its rows of one
-    (views * batch) tensor, which the model then encodes in one pass);
+  * "batched": usdrl.make_views, the script's own view builder (common.crop_corrupt_or_shear on
+    blocks of the batch, each view written into its rows of one (views * batch) tensor, which the
+    model then encodes in one pass; as in the training loop, that tensor is the previous call's);
   * "numpy_per_sample": the official repos' way, written here from the description in methods.md
     0.4 / 1.4: a Python loop over samples and views, numpy crop, torch F.interpolate of each crop,
     `random.random()` to pick numpy joint corruption or numpy shear, then the DataLoader's collation
@@ -255,8 +255,11 @@ def bench_usdrl_views(opts):
 
     args = usdrl.Args(views=n_views, window=64, crop_scale=[0.1, 1.0], modality="joint")
 
-    def batched():  # exactly what usdrl.py's training loop calls: (n_views * batch, 3, 64, 25, 2)
-        return usdrl.make_views(x, nf, g, args)
+    buf = [None]
+
+    def batched():  # exactly what usdrl.py's training loop calls: (n_views * batch, 3, 64, 25, 2),
+        buf[0] = usdrl.make_views(x, nf, g, args, out=buf[0])  # into the previous call's buffer
+        return buf[0]
 
     config = {"batch": batch, "clip": [3, 300, 25, 2], "views": n_views, "out_frames": 64,
               "threads": torch.get_num_threads(), "allocator": opts.allocator}
@@ -378,8 +381,9 @@ def _backward_step(s, loss):
     return loss.detach()
 
 
-def usdrl_train_views(s, x, nf):
-    return usdrl.make_views(x, nf, s.g, s.args)
+def usdrl_train_views(s, x, nf):  # into the previous step's views, as usdrl.py's loop
+    s.views = usdrl.make_views(x, nf, s.g, s.args, out=getattr(s, "views", None))
+    return s.views
 
 
 def usdrl_step(s, x, nf):

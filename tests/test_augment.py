@@ -274,6 +274,22 @@ def test_corrupt_or_shear_picks_one_per_sample():
     assert abs((n_changed == 15).float().mean().item() - 0.5) < 0.05
 
 
+def test_crop_corrupt_or_shear_is_the_blocked_composition():
+    # 150 clips span three CPU blocks (64, 64, 22): same draws, same order, bit-identical values,
+    # written into the given rows and nowhere else
+    N, T = 150, 90
+    x = torch.randn(N, 3, T, V, 2, generator=gen(40))
+    nf = torch.randint(20, T + 1, (N,), generator=gen(41))
+    g1, g2 = gen(42), gen(42)
+    ref = C.corrupt_or_shear(C.crop_resize(x, nf, g1, 32, (0.1, 1.0), 32), g1)
+    buf = torch.full((N + 4, 3, 32, V, 2), 7.0)
+    got = C.crop_corrupt_or_shear(x, nf, g2, 32, (0.1, 1.0), 32, out=buf[2:N + 2])
+    assert got.data_ptr() == buf[2].data_ptr() and torch.equal(got, ref)
+    assert (buf[:2] == 7).all() and (buf[N + 2:] == 7).all()
+    assert torch.equal(g1.get_state(), g2.get_state())   # the next draws match too
+    assert torch.equal(C.crop_corrupt_or_shear(x, nf, gen(42), 32, (0.1, 1.0), 32), ref)
+
+
 def test_joint_jitter_noise_level():
     x = torch.randn(64, 3, 16, V, 2, generator=gen(17))
     d = C.joint_jitter(x, gen(18), std=0.01) - x

@@ -209,6 +209,12 @@ def test_views_and_modality_switch():
         v = usdrl.make_views(x, nf, torch.Generator().manual_seed(1), tiny_args(modality=m))
         assert torch.equal(v, common.to_modality(joint, m))
         assert not torch.allclose(v, joint)
+    # the training loop hands back the previous step's views: same storage, fresh values
+    again = usdrl.make_views(x, nf, torch.Generator().manual_seed(2), args, out=joint.clone())
+    reused = usdrl.make_views(x, nf, torch.Generator().manual_seed(2), args, out=joint)
+    assert reused.data_ptr() == joint.data_ptr() and torch.equal(reused, again)
+    other = usdrl.make_views(x[:2], nf[:2], torch.Generator().manual_seed(2), args, out=joint)
+    assert other.shape == (4 * 2, 3, 16, 25, 2) and other.data_ptr() != joint.data_ptr()
 
 
 # ------------------------------------------------------------------------------ end to end runs
