@@ -390,10 +390,20 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
                   tmp_path / "bad"], check=False)
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
         "stage one ran with --modality joint; repeat these flags")
+    bad = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
+                  "--optimizer", "sgd", "--post_distill_from", full / "stage1.pt", "--out_dir",
+                  tmp_path / "bad"], check=False)  # Adam's state cannot continue as SGD's
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
+        "stage one ran with --optimizer adam; repeat these flags")
     assert a["step"] == b["step"] == c["step"] == 2 * stage1["step"] > 0
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["model"][k], c["model"][k]), k
+    assert a["args"]["optimizer"] == "adam"  # the quick start's; its moments resume exactly too
+    for i, st in a["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(st[k], b["optimizer"]["state"][i][k]), (i, k)
+            assert torch.equal(st[k], c["optimizer"]["state"][i][k]), (i, k)
     assert not torch.equal(a["model"]["encoder_q.encoder.weight_hh_l0"],
                            stage1["model"]["encoder_q.encoder.weight_hh_l0"])
     enc = pcm3pp.Encoder(pcm3pp.Args(**a["args"]))
@@ -403,7 +413,7 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
     step_lines = [r for r in lines if "stage" in r]
     assert {"loss", "rec", "nce_clip", "kd_clip", "lr", "samples_per_s", "eta"} <= set(step_lines[0])
     assert [r["stage"] for r in step_lines] == [1, 1, 2, 2]
-    lr = json.loads((full / "args.json").read_text())["lr"]          # the quick start's 0.05
+    lr = json.loads((full / "args.json").read_text())["lr"]          # the quick start's 3e-3
     assert all(abs(r["lr"] - 0.1 * lr) < 1e-12 for r in step_lines), [r["lr"] for r in step_lines]
     # post-distillation drops every InfoNCE term: loss = kd sum + 40 rec
     r = step_lines[-1]
@@ -440,7 +450,7 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path, torchrun_vs_one):
     out = tmp_path / "ddp"
     one, two = torchrun_vs_one(TORCHRUN_SCRIPT, ["--dataset", "synthetic", "--data_dir", tiny_data,
                                                  *TINY, "--epochs", "1", "--post_distill_epochs", "0",
-                                                 "--out_dir", out])
+                                                 "--optimizer", "sgd", "--out_dir", out])
     assert torch.allclose(one["loss"], two["loss"], rtol=0, atol=1e-10)
     for k, g1 in one["grads"].items():
         assert torch.allclose(g1, two["grads"][k], rtol=0, atol=1e-10), k
@@ -449,4 +459,5 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path, torchrun_vs_one):
     assert int(two["buffers"]["queue_ptr"]) == 8
     ck = _state(out / "last.pt")
     assert ck["epoch"] == 1 and ck["args"]["batch_size"] == 60
+    assert ck["args"]["optimizer"] == "sgd" and "momentum_buffer" in ck["optimizer"]["state"][0]
     assert not list(out.glob(".*last.pt*")) and len((out / "log.txt").read_text().splitlines()) >= 2
