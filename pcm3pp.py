@@ -507,6 +507,14 @@ def _epoch_seed(a: Args, epoch: int, rank: int) -> int:
     return (a.seed * 1_000_003 + epoch) * 1009 + rank
 
 
+def make_optimizer(model: nn.Module, a: Args) -> torch.optim.Optimizer:
+    """SGD (the paper) or Adam (QUICK) over the trainable parameters (the key encoder has none)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if a.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=a.lr, momentum=a.sgd_momentum, weight_decay=a.weight_decay)
+    return torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay)
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv, quick=QUICK)
     _check(args)
@@ -535,12 +543,7 @@ def train(args: Args, d):
 
     common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
     model = Model(args).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.sgd_momentum,
-                              weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     scaler = common.make_scaler(device, args.dtype)
     g, g_shared = torch.Generator(device), torch.Generator(device)
     start_epoch, step, metrics = 0, 0, {}

@@ -640,9 +640,9 @@ def _optimizer(name, model, a):
     if name == "scd_net":
         return torch.optim.SGD(model.query.parameters(), lr=a.lr, momentum=a.momentum,
                                weight_decay=a.weight_decay)
+    if name == "pcm3pp":  # SGD at the paper config, Adam at the quick one
+        return pcm3pp.make_optimizer(model, a)
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "pcm3pp":
-        return torch.optim.SGD(params, lr=a.lr, momentum=a.sgd_momentum, weight_decay=a.weight_decay)
     return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
                            weight_decay=a.weight_decay)
 
