@@ -29,12 +29,12 @@ Commands (--batch_size is the GLOBAL batch in every case):
 
 Decisions (our reading where the survey is silent): the clip window is drawn per sample, the clip gets
 the base prompt and weight 1, its distillation target is k; post-distillation continues the queue, the
-key momentum and the optimizer state at the constant final lr, keeps all five distillation terms and the
-reconstruction; with --no_prompt no distillation term enters stage one (as PCM3_woprompt). Mixing acts
-on the modality-converted view. As in the official code, the input prompts (and mp_prompt) are
-constant per-channel offsets added before a batch-statistics BatchNorm, which subtracts them again:
-their gradients are ~0 (only cl_prompt, added after the GRU, learns); they only shift the BN running
-statistics. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
+key momentum and the optimizer state at the constant final lr, keeps all five distillation terms and
+the reconstruction; with --no_prompt no distillation term enters stage one (as PCM3_woprompt).
+Mixing acts on the modality-converted view. As in the official code, the input prompts (and
+mp_prompt) are constant per-channel offsets added before a batch-statistics BatchNorm, which
+subtracts them again: their gradients are ~0 (only cl_prompt, added after the GRU, learns); they only
+shift the BN running statistics. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
 official DDP path; it equals the official single-GPU run) instead of shuffle-BN.
 
 Official checkpoints: Encoder's state_dict keys are exactly the official `encoder_q.*` keys with the
@@ -559,12 +559,13 @@ def train(args: Args, d):
                 f"stage-one checkpoint (stage1.pt, or last.pt of a --post_distill_epochs 0 run)")
         def norm(v):
             return list(v) if isinstance(v, (list, tuple)) else v
+        src_args = {"optimizer": "sgd", **src["args"]}  # checkpoints before --optimizer: SGD
         diff = [k for k in _STAGE_ONE_FIELDS
-                if k in src["args"] and norm(src["args"][k]) != norm(getattr(args, k))]
+                if k in src_args and norm(src_args[k]) != norm(getattr(args, k))]
         if diff:  # the same data, stream and model as stage one (flags are not read from it)
             raise common.UserError(
                 f"--post_distill_from {args.post_distill_from}: stage one ran with "
-                + ", ".join(f"--{k} {src['args'][k]}" for k in diff) + "; repeat these flags")
+                + ", ".join(f"--{k} {src_args[k]}" for k in diff) + "; repeat these flags")
         args.epochs = src["epoch"]
         final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
         if not args.resume:  # continue stage one's model, queue and optimizer state (momenta)
@@ -576,6 +577,10 @@ def train(args: Args, d):
                      f"lr {final_lr:.4g})")
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, METHOD)
+        was = ck["args"].get("optimizer", "sgd")
+        if was != args.optimizer:  # one optimizer's state cannot continue as the other's
+            raise common.UserError(f"--resume: {ckpt_path} was trained with --optimizer {was}; "
+                                   f"resume with --optimizer {was}")
         common.load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         common.load_scaler(scaler, ck["scaler"])

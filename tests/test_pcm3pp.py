@@ -395,6 +395,16 @@ def test_train_resume_and_post_distillation_from_checkpoint(tiny_data, tmp_path,
                   tmp_path / "bad"], check=False)  # Adam's state cannot continue as SGD's
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
         "stage one ran with --optimizer adam; repeat these flags")
+    old = dict(stage1, args={k: v for k, v in stage1["args"].items() if k != "optimizer"})
+    torch.save(old, tmp_path / "old.pt")  # written before --optimizer existed: it trained with SGD
+    bad = run_py(["pcm3pp.py", "--dataset", "synthetic", "--data_dir", tiny_data, *TINY,
+                  "--post_distill_from", tmp_path / "old.pt", "--out_dir", tmp_path / "bad"],
+                 check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith(
+        "stage one ran with --optimizer sgd; repeat these flags")
+    bad = run_py([*base, "--post_distill_epochs", "1", "--out_dir", part, "--resume", "--optimizer",
+                  "sgd"], check=False)
+    assert bad.returncode == 2 and "resume with --optimizer adam" in bad.stderr.splitlines()[-1]
     assert a["step"] == b["step"] == c["step"] == 2 * stage1["step"] > 0
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
