@@ -58,6 +58,8 @@ width 16: kNN 20.5 (22.4). --lr 0.02 with dropout 0.5, seeds 0 / 1: 12.5 (9.6) /
 equals subset 1's below). None adopted. Seed check (training and evaluate.py --seed s): semi 10%,
 labelled subsets 0, 1, 2 (--seeds 0 1 2): seed 0 9.2, 14.8, 11.0 (9.6, 10.0, 9.3), seed 1 9.5, 9.0,
 12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2, 12.7 (10.5, 12.4, 10.8); means 11.5 vs 11.3.
+Adam (what made PCM3++'s quick start pass; optimizer line patched to AdamW without weight decay,
+current build), seed 0 kNN k=1: lr 1e-3 16.6, lr 3e-4 15.8 (random init 19.2). Not adopted.
 """
 import math
 import time

@@ -60,6 +60,11 @@ More steps is what works (README, "Longer pre-training"): with this QUICK config
 kNN and the converged probe (38.0 / 25.9 / 41.4 vs 30.7 / 21.5 / 38.7; 34.3 / 23.7 / 37.7 vs 27.4 /
 22.5 / 36.8) and seed 1 still loses (28.8 / 22.7 / 39.7 vs 30.9 / 27.9 / 41.1); seed 0 at 60 epochs
 reaches 42.2 / 27.5. Not shipped as QUICK: four times the quick start's time and still not every seed.
+Adam, which made PCM3++'s quick start pass, does not help here (optimizer line patched to AdamW
+without weight decay; linear / kNN k=1, random init seed 0 30.7 / 21.5): seed 0, 10 epochs, lr 1e-3
+13.9 / 16.8, 3e-4 26.6 / 21.2, 2e-4 29.4 / 20.8, 1e-4 31.5 / 21.2; 20 epochs (lr x0.1 at 16) 2e-4
+32.3 / 20.0, 1e-4 31.2 / 22.5, and at 1e-4 seeds 1 / 2 23.2 / 19.2 (30.9 / 27.9) and 27.9 / 20.2
+(27.4 / 22.5). Its loss leaves chance from the first epochs (no plateau), the features do not improve.
 """
 from __future__ import annotations
 
