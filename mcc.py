@@ -374,6 +374,12 @@ def param_groups(model, args):
             {"params": dec, "lr_mult": args.decoder_lr_mult, "lr": args.lr * args.decoder_lr_mult}]
 
 
+def make_optimizer(model, args):
+    """SGD (Nesterov by default) over param_groups (tests/bench.py uses it too)."""
+    return torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
+                           nesterov=args.nesterov, weight_decay=args.weight_decay)
+
+
 def train_step(model, net, opt, scaler, base, pos, neg, target, ids, args):
     """One step on this rank's clips (B, C, L, V, M) and sample indices ids (B,): momentum update,
     forward, the three losses (queued keys of the same sequences left out of the negatives), SGD
@@ -432,8 +438,7 @@ def main(argv=None):
                                 with_index=True, num_workers=args.num_workers)
     common.seed_everything(args.seed, args.deterministic)  # identical initial weights on all ranks
     model = Model(args).to(dev)
-    opt = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
-                          nesterov=args.nesterov, weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     scaler = common.make_scaler(dev, args.dtype)
     g = torch.Generator(device=dev)
     start_epoch, step, metrics = 0, 0, {}

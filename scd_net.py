@@ -481,6 +481,12 @@ def _seed_epoch(args: Args, epoch: int, rank: int, g: torch.Generator) -> None:
     torch.manual_seed(s + 1)
 
 
+def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
+    """SGD over the query branch; the key encoder follows by momentum (tests/bench.py uses it)."""
+    return torch.optim.SGD(model.query.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv, quick=QUICK)
     _check_args(args)
@@ -508,8 +514,7 @@ def _train(args: Args, split_name: str, d: common.Dist) -> None:
                                 num_workers=args.num_workers)
     model = Model(args).to(dev)  # on the device first: NCCL broadcasts CUDA tensors only
     common.broadcast_module(model)
-    opt = torch.optim.SGD(model.query.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     scaler = common.make_scaler(dev, args.dtype)
     g = torch.Generator(device=dev)
     start_epoch, step, metrics = 0, 0, {}

@@ -399,6 +399,11 @@ def _epoch_seed(args, epoch, rank):
     return (args.seed * 1_000_003 + epoch) * 1_009 + rank
 
 
+def make_optimizer(model, args):
+    """The official optimizer: Adam, weight decay as L2 on the gradient (tests/bench.py uses it)."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv, quick=QUICK)
     _check(args)
@@ -425,7 +430,7 @@ def train(args, d):
 
     common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
     model = Model(args).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     scaler = common.make_scaler(device, args.dtype)
     g = torch.Generator(device)
     start_epoch, step = 0, 0

@@ -633,20 +633,6 @@ def method_args(name, config, batch=None, dtype="auto", compile=False, device="c
     return a
 
 
-def _optimizer(name, model, a):
-    """The optimizer each script builds."""
-    if name == "usdrl":
-        return torch.optim.Adam(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    if name == "scd_net":
-        return torch.optim.SGD(model.query.parameters(), lr=a.lr, momentum=a.momentum,
-                               weight_decay=a.weight_decay)
-    if name == "pcm3pp":  # SGD at the paper config, Adam at the quick one
-        return pcm3pp.make_optimizer(model, a)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
-                           weight_decay=a.weight_decay)
-
-
 def build_state(name, a, dev):
     """Model(args) on the device, its optimizer, GradScaler, (compiled) net and seeded generators.
 
@@ -657,7 +643,7 @@ def build_state(name, a, dev):
     common.seed_everything(a.seed)
     model = METHODS[name].mod.Model(a).to(dev)
     model.train()
-    opt = _optimizer(name, model, a)
+    opt = METHODS[name].mod.make_optimizer(model, a)  # the optimizer the script builds
     common.set_lr(opt, 0.0)
     net = torch.compile(model) if a.compile else model
     s = SimpleNamespace(name=name, args=a, dev=dev, model=model, net=net, opt=opt,
