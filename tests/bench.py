@@ -13,7 +13,7 @@ usdrl_views: USDRL-style pre-training views (methods.md 1.4: crop-resize to 64 f
 corruption or shear, 4 views per clip) from one batch of raw (3, 300, 25, 2) clips, built
   * "batched": usdrl.make_views, the script's own view builder (common.crop_corrupt_or_shear on
     blocks of the batch, each view written into its rows of one (views * batch) tensor, which the
-    model then encodes in one pass; as in the training loop, that tensor is the previous call's);
+    model then reads view by view; as in the training loop, that tensor is the previous call's);
   * "numpy_per_sample": the official repos' way, written here from the description in methods.md
     0.4 / 1.4: a Python loop over samples and views, numpy crop, torch F.interpolate of each crop,
     `random.random()` to pick numpy joint corruption or numpy shear, then the DataLoader's collation
@@ -131,9 +131,11 @@ import usdrl  # noqa: E402
 
 
 def timed(fns, repeats, sync=None, warmup=True):
-    """Time several implementations, interleaved (A, B, A, B, ...) so that both see the same load on
-    a shared machine; one warm-up call each (unless warmup=False: the caller warmed them up).
-    Returns per fn (median wall s, median process-CPU s, all wall times).
+    """Time several implementations, interleaved so that both see the same load on a shared machine,
+    in alternating order (A B, B A, A B, ...): the first of a pair can pay for what the other left
+    behind (USDRL's paper-config step, identical computation on both sides: 0.92x when always timed
+    first, 1.00x when second). One warm-up call each (unless warmup=False: the caller warmed them
+    up). Returns per fn (median wall s, median process-CPU s, all wall times).
 
     CPU time is reported too because this machine is shared: wall time includes the time other
     processes hold the cores, which is noise for both sides of a comparison."""
@@ -141,8 +143,9 @@ def timed(fns, repeats, sync=None, warmup=True):
         fn()
     wall = [[] for _ in fns]
     cpu = [[] for _ in fns]
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
+    for r in range(repeats):
+        for k in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
+            fn = fns[k]
             if sync:
                 sync()
             w0, c0 = time.perf_counter(), time.process_time()
@@ -439,28 +442,19 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def _official_dsa(self, x):
-    """USDRL official DSA: the two pre-LN block branches as two calls (usdrl.py batches them)."""
-    fm = self.dense_shift(x)
-
-    def block(z):
-        z = z + self.drop(self._sa(z, self.dsa_ln1))
-        return z + self.drop(self.dsa_mlp(self.dsa_ln2(z)))
-    return 0.5 * (block(fm) + block(x))
-
-
 def usdrl_official(s, x, nf):
     """PORT (methods.md 1.2-1.5): the official loop calls the whole model (encoder + projectors) once
-    per view, and DSA runs Block(F_m) and Block(x) separately; usdrl.py runs the encoder once on the
-    K stacked views and both DSA branches as one batched call. (nn.DataParallel: not on CPU.)"""
+    per view, DSA's two branches as two calls. usdrl.py now does both the same way (batching the
+    views, then the DSA branches, measured 5-10% slower on one CPU thread), so what differs is the
+    loop around the model: the port stacks the per-view projections itself. (nn.DataParallel: not
+    on CPU.)"""
     a, m = s.args, s.model
     z = {"t": [], "s": [], "i": []}
-    with patched(usdrl.DSTLayer, "dsa", _official_dsa):
-        for v in usdrl_train_views(s, x, nf).chunk(a.views):
-            yt, ys = m.encoder.pooled(v)
-            z["t"].append(m.t_proj(yt))
-            z["s"].append(m.s_proj(ys))
-            z["i"].append(m.i_proj(torch.cat([yt, ys], 1)))
+    for v in usdrl_train_views(s, x, nf).chunk(a.views):
+        yt, ys = m.encoder.pooled(v)
+        z["t"].append(m.t_proj(yt))
+        z["s"].append(m.s_proj(ys))
+        z["i"].append(m.i_proj(torch.cat([yt, ys], 1)))
     loss, _ = usdrl.usdrl_loss({k: torch.stack(v) for k, v in z.items()}, a)
     return _backward_step(s, loss)
 
