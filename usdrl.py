@@ -168,8 +168,8 @@ class DSTLayer(nn.Module):
     def dsa(self, x):  # x (N, L, D)
         # Both branches through the same block, as two calls like the official code: batching them
         # (torch.cat, then chunk) made the paper-config step ~10% slower on one CPU thread (22.1 vs
-        # 20.1 s at batch 8, tests/bench.py's official_step setting) and buys nothing at the paper's
-        # GPU batch. The code AVERAGES the branches where paper Eq. 3 sums them.
+        # 20.1 s at batch 8, tests/bench.py's official_step setting; not timed on a GPU, where each
+        # call already holds the 356-clip batch). The code AVERAGES the branches where Eq. 3 sums.
         return 0.5 * (self._dsa_block(self.dense_shift(x)) + self._dsa_block(x))
 
     def forward(self, x):
@@ -351,9 +351,9 @@ def make_views(x, num_frame, g, args, out=None):
     shape = (args.views * b, 3, args.window, V, M)
     if out is None or out.shape != shape or out.dtype != x.dtype or out.device != x.device:
         out = x.new_empty(shape)
+    kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window)
     for k in range(args.views):
         dst = out[k * b:(k + 1) * b]                 # each view lands in its rows: no torch.cat copy
-        kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window)
         if args.modality == "joint":
             common.crop_corrupt_or_shear(x, num_frame, g, out=dst, **kw)
         else:

@@ -445,9 +445,9 @@ def patched(obj, name, value):
 def usdrl_official(s, x, nf):
     """PORT (methods.md 1.2-1.5): the official loop calls the whole model (encoder + projectors) once
     per view, DSA's two branches as two calls. usdrl.py now does both the same way (batching the
-    views, then the DSA branches, measured 5-10% slower on one CPU thread), so what differs is the
-    loop around the model: the port stacks the per-view projections itself. (nn.DataParallel: not
-    on CPU.)"""
+    views, then the DSA branches, measured 5-10% slower on one CPU thread), so the port computes
+    what usdrl.py computes and the ratio reads as parity within timing noise; it stays as the
+    reference of the official loop. (nn.DataParallel: not on CPU.)"""
     a, m = s.args, s.model
     z = {"t": [], "s": [], "i": []}
     for v in usdrl_train_views(s, x, nf).chunk(a.views):
