@@ -134,72 +134,94 @@ QUICK = dict(hidden=64, prompt_dim=32, dec_dim=64, queue_size=1024, batch_size=6
 
 
 # ----------------------------------------------------------------------------------------- model
-class _ForwardGRULayer(torch.autograd.Function):
-    """One BIGRU layer on CPU: its weight sets l{k} and l{k}_reverse both run forward in time, batched
-    as one (2, N, H) recurrence. Autograd through aten::gru forms the W_hh gradient as one outer
-    product per step (read + write of the whole matrix T times); here the backward keeps the gate
-    gradients and forms every weight gradient with one GEMM over all T*N rows."""
+# oneDNN's fp32 linear (the CPU kernel behind inductor's linear), where this torch build has it. On the
+# 2-core dev CPU, one thread: the batch-8 hidden product of a 1024-wide layer (8 x 1024 @ 1024 x 3072)
+# took 0.5-0.8 ms with the weight packed (_pack) once per layer call, against 1.5-1.7 ms for addmm
+# on the plain weight; the T*N-row GEMMs of the layer 61-71 ms against 70-91 ms (mm / addmm).
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(w: torch.Tensor) -> bool:
+    """Whether _pack / _linear take oneDNN's path for w (fp32 on the CPU; no float64 kernel)."""
+    return _ONEDNN and w.dtype == torch.float32 and w.device.type == "cpu"
+
+
+def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w (out, in) in oneDNN's blocked layout for inputs of `rows` rows (w itself without oneDNN)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows) if _onednn(w) else w
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b=None, add=None) -> torch.Tensor:
+    """x (R, in) @ w.T (+ b) (+ add): (R, out). w (out, in) plain (any strides) or from _pack."""
+    if w.is_mkldnn or _onednn(w):
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+    y = x @ w.t() if b is None else torch.addmm(b, x, w.t())
+    return y if add is None else y + add
+
+
+class _ForwardGRU(torch.autograd.Function):
+    """One weight set of a BIGRU layer on CPU, forward in time from a zero state: (N, T, I) ->
+    (N, T, H). Autograd through aten::gru forms the W_hh gradient as one outer product per step (a
+    read + write of the whole matrix T times); here the backward keeps the gate gradients and forms
+    every weight gradient with one GEMM over all T*N rows. The two weight sets of a layer run one after
+    the other, not batched as one (2, N, H) recurrence: each 12 MB W_hh then stays in the 32 MB L3
+    across the steps (with addmm for both: the paper's encoder, forward + backward at batch 8, one
+    thread, 2.8-3.1 s vs 3.0-3.6 s batched), and each set's packed weight is used T times."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, x, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_ih_r, w_hh_r, b_ih_r, b_hh_r):
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh):
         n, t, _ = x.shape
-        hid = w_hh_f.shape[1]
-        xr = x.reshape(n * t, -1)
-        gi = torch.stack([torch.addmm(b_ih_f, xr, w_ih_f.t()), torch.addmm(b_ih_r, xr, w_ih_r.t())])
-        gi = gi.view(2, n, t, 3, hid).permute(2, 3, 0, 1, 4)            # (T, gate r|z|n, 2, N, H)
-        w_hh = torch.stack([w_hh_f, w_hh_r])                            # (2, 3H, H)
-        b_hh = torch.stack([b_hh_f, b_hh_r])[:, None]                    # (2, 1, 3H)
-        hs = x.new_zeros(t + 1, 2, n, hid)                               # h_{-1} = 0, then h_0..h_T-1
-        gates = x.new_empty(t, 4, 2, n, hid)                             # r, z, n, W_hn h + b_hn
+        hid = w_hh.shape[1]
+        gi = _linear(x.reshape(n * t, -1), w_ih, b_ih).view(n, t, 3, hid).permute(1, 2, 0, 3)
+        hs = x.new_zeros(t + 1, n, hid)                                  # h_{-1} = 0, then h_0..h_T-1
+        gates = x.new_empty(t, 4, n, hid)                                # r, z, n, W_hn h + b_hn
         # At small widths the loop costs its number of ops, not its arithmetic: every gate is written
-        # straight into its slot of `gates` / `hs` (out=) instead of being stacked and copied there,
-        # and the views are taken with one unbind each.
-        w_hh_t, h = w_hh.transpose(1, 2), hs.unbind(0)
+        # straight into its slot of `gates` / `hs` (out=), and the views are taken with one unbind each.
+        w_hh_p, h = _pack(w_hh, n), hs.unbind(0)
         for s in range(t):
-            (gi_r, gi_z, gi_n), (r, z, cand, ghn) = gi[s], gates[s]
-            gh_r, gh_z, gh_n = torch.baddbmm(b_hh, h[s], w_hh_t).view(2, n, 3, hid).unbind(2)
+            (gi_r, gi_z, gi_n), (r, z, cand, ghn) = gi[s], gates[s]      # (N, H) each; gi (T, 3, N, H)
+            gh_r, gh_z, gh_n = _linear(h[s], w_hh_p, b_hh).view(n, 3, hid).unbind(1)
             torch.sigmoid(gi_r + gh_r, out=r)
             torch.sigmoid(gi_z + gh_z, out=z)
             ghn.copy_(gh_n)
             torch.tanh(gi_n + r * ghn, out=cand)
             torch.add(cand, z * (h[s] - cand), out=h[s + 1])             # (1 - z) n + z h
-        ctx.save_for_backward(x, w_ih_f, w_ih_r, w_hh, hs, gates)
-        return hs[1:].permute(2, 0, 1, 3).reshape(n, t, 2 * hid)
+        ctx.save_for_backward(x, w_ih, w_hh, hs, gates)
+        return hs[1:].transpose(0, 1)                                    # (N, T, H)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dy):
-        x, w_ih_f, w_ih_r, w_hh, hs, gates = ctx.saved_tensors
+        x, w_ih, w_hh, hs, gates = ctx.saved_tensors
         n, t, _ = x.shape
-        hid = w_hh.shape[2]
-        dy = dy.reshape(n, t, 2, hid).permute(1, 2, 0, 3)                # (T, 2, N, H)
+        hid = w_hh.shape[1]
+        dy = dy.transpose(0, 1)                                          # (T, N, H)
         # The loop writes the gate gradients in place (out=), dgi only its n gate: its r and z gates
         # equal dgh's and are copied once after the loop. dgi is kept in x's (N, T) row order, so the
         # weight GEMMs read it without another copy.
-        dgh = x.new_empty(t, 2, n, 3, hid)                               # grads of W_hh h + b_hh
-        dgi = x.new_empty(2, n, t, 3, hid)                               # grads of W_ih x + b_ih
-        dh = x.new_zeros(2, n, hid)
-        h, dgi_n = hs.unbind(0), dgi[:, :, :, 2].unbind(2)
+        dgh = x.new_empty(t, n, 3, hid)                                  # grads of W_hh h + b_hh
+        dgi = x.new_empty(n, t, 3, hid)                                  # grads of W_ih x + b_ih
+        dh = x.new_zeros(n, hid)
+        h, dgi_n = hs.unbind(0), dgi[:, :, 2].unbind(1)
+        w_hh_p = _pack(w_hh.t(), n)                                      # dh_{s-1} += dgh_s W_hh
         for s in range(t - 1, -1, -1):
             dh = dh + dy[s]
             r, z, cand, ghn = gates[s]
-            dr, dz, dhn = dgh[s].unbind(2)
+            dr, dz, dhn = dgh[s].unbind(1)
             one_z = 1 - z
             dn = torch.mul(dh * one_z, 1 - cand * cand, out=dgi_n[s])
             torch.mul(dh * (h[s] - cand) * z, one_z, out=dz)
             torch.mul(dn * ghn * r, 1 - r, out=dr)
             torch.mul(dn, r, out=dhn)
-            dh = torch.baddbmm(dh * z, dgh[s].view(2, n, 3 * hid), w_hh)
-        dgi[:, :, :, :2] = dgh[:, :, :, :2].permute(1, 2, 0, 3, 4)
-        rows = dgh.permute(1, 3, 4, 0, 2).reshape(2, 3 * hid, t * n)      # (2, 3H, T*N)
-        d_w_hh = torch.bmm(rows, hs[:-1].transpose(0, 1).reshape(2, t * n, hid))
-        d_b_hh = rows.sum(2)
-        dgi = dgi.view(2, n * t, 3 * hid)                                # rows in x's (N, T) order
-        xr = x.reshape(n * t, -1)
-        dx = (dgi[0] @ w_ih_f + dgi[1] @ w_ih_r).view_as(x)
-        return (dx, dgi[0].t() @ xr, d_w_hh[0], dgi[0].sum(0), d_b_hh[0],
-                dgi[1].t() @ xr, d_w_hh[1], dgi[1].sum(0), d_b_hh[1])
+            dh = _linear(dgh[s].view(n, 3 * hid), w_hh_p, add=dh * z)
+        dgi[:, :, :2] = dgh[:, :, :2].transpose(0, 1)
+        dgh, dgi = dgh.view(t * n, 3 * hid), dgi.view(n * t, 3 * hid)
+        xr, hr = x.reshape(n * t, -1), hs[:-1].view(t * n, hid)          # rows as dgi's / dgh's
+        return (_linear(dgi, w_ih.t()).view_as(x), _linear(dgi.t(), xr.t()),
+                _linear(dgh.t(), hr.t()), dgi.sum(0), dgh.sum(0))
 
 
 @torch.compiler.disable  # the GRU stays on cuDNN / the CPU kernel above under torch.compile
@@ -210,7 +232,7 @@ def forward_in_time_gru(gru: nn.GRU, x: torch.Tensor, native: bool | None = None
     state, so the "_reverse" weights of each layer also run FORWARD in time (methods.md 3A.2). Per layer
     that is two unidirectional GRUs over the whole sequence from a zero state, outputs concatenated
     (forward weights first) as the next layer's input. `native` (default: on CUDA) runs them as
-    torch.gru calls (cuDNN); otherwise _ForwardGRULayer.  x (N, T, I) -> (N, T, 2H), all steps."""
+    torch.gru calls (cuDNN); otherwise _ForwardGRU.  x (N, T, I) -> (N, T, 2H), all steps."""
     native = x.is_cuda if native is None else native
     h0 = x.new_zeros(1, x.shape[0], gru.hidden_size)
     for layer in range(gru.num_layers):
@@ -220,7 +242,7 @@ def forward_in_time_gru(gru: nn.GRU, x: torch.Tensor, native: bool | None = None
             x = torch.cat([torch.gru(x, h0, w[:4], True, 1, 0.0, gru.training, False, True)[0],
                            torch.gru(x, h0, w[4:], True, 1, 0.0, gru.training, False, True)[0]], 2)
         else:
-            x = _ForwardGRULayer.apply(x, *w)
+            x = torch.cat([_ForwardGRU.apply(x, *w[:4]), _ForwardGRU.apply(x, *w[4:])], 2)
     return x
 
 

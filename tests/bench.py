@@ -50,13 +50,12 @@ The first call of each side is the warm-up and the equivalence check (`same_outp
 its largest entry, `max_grad_rel_diff`); then 1 (--quick) or min(--repeats, 5) interleaved timed
 runs. Target: `speedup_vs_step_by_step` >= 5 on CPU. A third line (CPU only), "recurrent_floor",
 times only what neither form can batch over time: the 2 * layers * frames sequential hidden products
-(forward W_hh h and backward dh W_hh of both weight sets, batch 8: matrix-vector-like products that
-read all of W_hh every step), with the calls the CPU kernel makes (both weight sets per step);
-`max_speedup_vs_step_by_step` = official / floor is a reference, not a strict bound: what a form
-that makes these products the same way could reach (the official loop makes them too),
-`ours_over_floor` how far ours is from it. The order matters: the same products made one weight set
-at a time (its 12 MB W_hh stays in a 32 MB L3) measured ~10% faster on this CPU (1.63 vs 1.82 s,
-three layers, one thread, load ~2), so an exact form could beat the floor by about that much.
+(forward W_hh h and backward dh W_hh of both weight sets, batch 8: each reads all of W_hh), made the
+way the CPU kernel makes them (pcm3pp._pack / _linear: oneDNN, weights packed once per layer, one
+weight set at a time); `max_speedup_vs_step_by_step` = official / floor is what a form making these
+products the same way could reach if everything else were free, `ours_over_floor` how far ours is
+from it. The rest of ours is mostly the T*N-row GEMMs (input projections, input and weight
+gradients: ~100 of the ~138 GFLOP of a forward + backward at this config).
 
 train: per method (--methods), one optimizer step exactly as its script's loop does it (views built
 from raw clips + forward + loss + backward + optimizer step + momentum update / enqueue: the *_step
@@ -522,18 +521,21 @@ def bench_pcm3pp_gru(opts):
         y.square().mean().backward()
         return y.detach()
 
-    # The part no exact fp32 implementation can batch over time: per layer and step, the hidden
-    # product of both weight sets forward (W_hh h) and backward (dh W_hh), T*layers of each, at the
-    # shapes and with the calls the CPU kernel uses. The official loop does these too, plus the rest.
+    # The part no exact fp32 implementation can batch over time: per layer, weight set and step, the
+    # hidden product forward (W_hh h) and backward (dh W_hh), 2 * layers * frames of each, made the way
+    # pcm3pp's CPU kernel makes them (weights packed once per layer, one weight set at a time).
+    # The official loop does these too, plus the rest.
     hid, layers = enc.encoder.hidden_size, enc.encoder.num_layers
-    w_hh = torch.randn(2, 3 * hid, hid, device=dev)
-    b_hh, h = torch.randn(2, 1, 3 * hid, device=dev), torch.randn(2, batch, hid, device=dev)
-    dg = torch.randn(2, batch, 3 * hid, device=dev)
+    w_hh, b_hh = torch.randn(3 * hid, hid, device=dev), torch.randn(3 * hid, device=dev)
+    h, dg = torch.randn(batch, hid, device=dev), torch.randn(batch, 3 * hid, device=dev)
 
     def recurrent_floor():
-        for _ in range(layers * frames):
-            torch.baddbmm(b_hh, h, w_hh.transpose(1, 2))
-            torch.baddbmm(h, dg, w_hh)
+        for _ in range(2 * layers):
+            fwd, bwd = pcm3pp._pack(w_hh, batch), pcm3pp._pack(w_hh.t(), batch)
+            for _ in range(frames):
+                pcm3pp._linear(h, fwd, b_hh)
+            for _ in range(frames):
+                pcm3pp._linear(dg, bwd, add=h)
 
     def grads():
         return [q.grad.clone() for q in enc.parameters() if q.grad is not None]

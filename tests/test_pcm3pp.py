@@ -100,12 +100,12 @@ def _official_loop(enc, x):
     return torch.cat(outs, 1)
 
 
-def test_whole_sequence_encoder_equals_official_step_by_step_recurrence():
+def test_whole_sequence_encoder_equals_official_step_by_step_recurrence(monkeypatch):
     torch.manual_seed(0)
     enc = pcm3pp.Encoder(small_args(hidden=48))
     x = torch.randn(3, 3, 64, 25, 2)
     ref = _official_loop(enc, x)                                     # (N, T, 2H)
-    seq = enc.sequence(x)                                            # CPU kernel (_ForwardGRULayer)
+    seq = enc.sequence(x)                                            # CPU kernel (_ForwardGRU)
     assert seq.shape == (3, 64, 96)
     assert (seq - ref).abs().max().item() < 1e-5
     h = enc.input_norm(enc.flatten(x).transpose(1, 2)).transpose(1, 2)
@@ -121,9 +121,12 @@ def test_whole_sequence_encoder_equals_official_step_by_step_recurrence():
     gy = torch.randn(3, 64, 96)
     wrt = [x] + list(enc.encoder.parameters())
     ref_g = torch.autograd.grad((_official_loop(enc, x) * gy).sum(), wrt)
-    for native in (False, True):
+    # CPU kernel with oneDNN's linear (where the build has it), with plain addmm, and torch.gru
+    for native, onednn in ((False, pcm3pp._ONEDNN), (False, False), (True, False)):
+        monkeypatch.setattr(pcm3pp, "_ONEDNN", onednn)
         h = enc.input_norm(enc.flatten(x).transpose(1, 2)).transpose(1, 2)
         out = pcm3pp.forward_in_time_gru(enc.encoder, h, native=native)
+        assert (out - ref).abs().max().item() < 1e-5
         for g1, g2 in zip(torch.autograd.grad((out * gy).sum(), wrt), ref_g):
             assert (g1 - g2).abs().max().item() < 1e-4 * max(1.0, g2.abs().max().item())
 
