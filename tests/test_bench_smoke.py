@@ -25,7 +25,11 @@ def test_bench_quick_train_steps_and_gru_run():
         assert r["device"] == "cpu" and r["samples_per_s"] > 0, method
         assert math.isfinite(r["first_loss"]) and r["params"] > 0, method
     gru = {r["config"]["impl"]: r for r in recs if r["what"] == "pcm3pp_gru"}
-    assert set(gru) == {"step_by_step_official", "whole_sequence", "recurrent_floor"}
+    assert set(gru) == {"step_by_step_official", "whole_sequence", "recurrent_floor", "exact_floor"}
     assert gru["whole_sequence"]["same_output"], gru["whole_sequence"]["max_abs_diff"]
-    assert gru["recurrent_floor"]["max_speedup_vs_step_by_step"] > 0
-    assert recs[-1]["what"] == "summary" and "pcm3pp_gru_recurrent_bound" in recs[-1]
+    # the exact floor does the recurrent floor's products and more
+    assert (gru["exact_floor"]["max_speedup_vs_step_by_step"]
+            < gru["recurrent_floor"]["max_speedup_vs_step_by_step"])
+    assert recs[-1]["what"] == "summary"
+    for floors in recs[-1]["pcm3pp_gru_floors"].values():  # per allocator setting
+        assert set(floors) == {"recurrent_floor", "exact_floor"}
