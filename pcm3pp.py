@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import arg
+from common import arg, cpu_linear, cpu_pack
 
 METHOD = "pcm3pp"
 
@@ -134,33 +134,6 @@ QUICK = dict(hidden=64, prompt_dim=32, dec_dim=64, queue_size=1024, batch_size=6
 
 
 # ----------------------------------------------------------------------------------------- model
-# oneDNN's fp32 linear (the CPU kernel behind inductor's linear), where this torch build has it. On the
-# 2-core dev CPU, one thread: the batch-8 hidden product of a 1024-wide layer (8 x 1024 @ 1024 x 3072)
-# took 0.5-0.8 ms with the weight packed (_pack) once per layer call, against 1.5-1.7 ms for addmm
-# on the plain weight; the T*N-row GEMMs of the layer 61-71 ms against 70-91 ms (mm / addmm).
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn(w: torch.Tensor) -> bool:
-    """Whether _pack / _linear take oneDNN's path for w (fp32 on the CPU; no float64 kernel)."""
-    return _ONEDNN and w.dtype == torch.float32 and w.device.type == "cpu"
-
-
-def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """w (out, in) in oneDNN's blocked layout for inputs of `rows` rows (w itself without oneDNN)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w, rows) if _onednn(w) else w
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b=None, add=None) -> torch.Tensor:
-    """x (R, in) @ w.T (+ b) (+ add): (R, out). w (out, in) plain (any strides) or from _pack."""
-    if w.is_mkldnn or _onednn(w):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
-    y = x @ w.t() if b is None else torch.addmm(b, x, w.t())
-    return y if add is None else y + add
-
-
 class _ForwardGRU(torch.autograd.Function):
     """One weight set of a BIGRU layer on CPU, forward in time from a zero state: (N, T, I) ->
     (N, T, H). Autograd through aten::gru forms the W_hh gradient as one outer product per step (a
@@ -168,22 +141,24 @@ class _ForwardGRU(torch.autograd.Function):
     every weight gradient with one GEMM over all T*N rows. The two weight sets of a layer run one after
     the other, not batched as one (2, N, H) recurrence: each 12 MB W_hh then stays in the 32 MB L3
     across the steps (with addmm for both: the paper's encoder, forward + backward at batch 8, one
-    thread, 2.8-3.1 s vs 3.0-3.6 s batched), and each set's packed weight is used T times."""
+    thread, 2.8-3.1 s vs 3.0-3.6 s batched), and each set's packed weight is used T times. Every
+    product goes through common.cpu_linear (oneDNN; W_hh packed once per call by cpu_pack): 2.0 s
+    instead of 2.8-3.1 s for that encoder (tests/bench.py pcm3pp_gru, README "Benchmarks")."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh):
         n, t, _ = x.shape
         hid = w_hh.shape[1]
-        gi = _linear(x.reshape(n * t, -1), w_ih, b_ih).view(n, t, 3, hid).permute(1, 2, 0, 3)
+        gi = cpu_linear(x.reshape(n * t, -1), w_ih, b_ih).view(n, t, 3, hid).permute(1, 2, 0, 3)
         hs = x.new_zeros(t + 1, n, hid)                                  # h_{-1} = 0, then h_0..h_T-1
         gates = x.new_empty(t, 4, n, hid)                                # r, z, n, W_hn h + b_hn
         # At small widths the loop costs its number of ops, not its arithmetic: every gate is written
         # straight into its slot of `gates` / `hs` (out=), and the views are taken with one unbind each.
-        w_hh_p, h = _pack(w_hh, n), hs.unbind(0)
+        w_hh_p, h = cpu_pack(w_hh, n), hs.unbind(0)
         for s in range(t):
             (gi_r, gi_z, gi_n), (r, z, cand, ghn) = gi[s], gates[s]      # (N, H) each; gi (T, 3, N, H)
-            gh_r, gh_z, gh_n = _linear(h[s], w_hh_p, b_hh).view(n, 3, hid).unbind(1)
+            gh_r, gh_z, gh_n = cpu_linear(h[s], w_hh_p, b_hh).view(n, 3, hid).unbind(1)
             torch.sigmoid(gi_r + gh_r, out=r)
             torch.sigmoid(gi_z + gh_z, out=z)
             ghn.copy_(gh_n)
@@ -206,7 +181,7 @@ class _ForwardGRU(torch.autograd.Function):
         dgi = x.new_empty(n, t, 3, hid)                                  # grads of W_ih x + b_ih
         dh = x.new_zeros(n, hid)
         h, dgi_n = hs.unbind(0), dgi[:, :, 2].unbind(1)
-        w_hh_p = _pack(w_hh.t(), n)                                      # dh_{s-1} += dgh_s W_hh
+        w_hh_p = cpu_pack(w_hh.t(), n)                                   # dh_{s-1} += dgh_s W_hh
         for s in range(t - 1, -1, -1):
             dh = dh + dy[s]
             r, z, cand, ghn = gates[s]
@@ -216,12 +191,12 @@ class _ForwardGRU(torch.autograd.Function):
             torch.mul(dh * (h[s] - cand) * z, one_z, out=dz)
             torch.mul(dn * ghn * r, 1 - r, out=dr)
             torch.mul(dn, r, out=dhn)
-            dh = _linear(dgh[s].view(n, 3 * hid), w_hh_p, add=dh * z)
+            dh = cpu_linear(dgh[s].view(n, 3 * hid), w_hh_p, add=dh * z)
         dgi[:, :, :2] = dgh[:, :, :2].transpose(0, 1)
         dgh, dgi = dgh.view(t * n, 3 * hid), dgi.view(n * t, 3 * hid)
         xr, hr = x.reshape(n * t, -1), hs[:-1].view(t * n, hid)          # rows as dgi's / dgh's
-        return (_linear(dgi, w_ih.t()).view_as(x), _linear(dgi.t(), xr.t()),
-                _linear(dgh.t(), hr.t()), dgi.sum(0), dgh.sum(0))
+        return (cpu_linear(dgi, w_ih.t()).view_as(x), cpu_linear(dgi.t(), xr.t()),
+                cpu_linear(dgh.t(), hr.t()), dgi.sum(0), dgh.sum(0))
 
 
 @torch.compiler.disable  # the GRU stays on cuDNN / the CPU kernel above under torch.compile

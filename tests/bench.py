@@ -51,8 +51,8 @@ its largest entry, `max_grad_rel_diff`); then 1 (--quick) or min(--repeats, 5) i
 runs. Target: `speedup_vs_step_by_step` >= 5 on CPU. A third line (CPU only), "recurrent_floor",
 times only what neither form can batch over time: the 2 * layers * frames sequential hidden products
 (forward W_hh h and backward dh W_hh of both weight sets, batch 8: each reads all of W_hh), made the
-way the CPU kernel makes them (pcm3pp._pack / _linear: oneDNN, weights packed once per layer, one
-weight set at a time); `max_speedup_vs_step_by_step` = official / floor is what a form making these
+way the CPU kernel makes them (common.cpu_pack / cpu_linear: oneDNN, weights packed once per
+layer, one weight set at a time); `max_speedup_vs_step_by_step` = official / floor is what a form making these
 products the same way could reach if everything else were free, `ours_over_floor` how far ours is
 from it. A fourth line, "exact_floor", adds the GEMMs over all T*N rows (per layer and weight set:
 input projection, input gradient, W_ih and W_hh gradients; ~100 of the ~138 GFLOP of a forward +
@@ -534,11 +534,11 @@ def bench_pcm3pp_gru(opts):
 
     def recurrent_floor():
         for _ in range(2 * layers):
-            fwd, bwd = pcm3pp._pack(w_hh, batch), pcm3pp._pack(w_hh.t(), batch)
+            fwd, bwd = common.cpu_pack(w_hh, batch), common.cpu_pack(w_hh.t(), batch)
             for _ in range(frames):
-                pcm3pp._linear(h, fwd, b_hh)
+                common.cpu_linear(h, fwd, b_hh)
             for _ in range(frames):
-                pcm3pp._linear(dg, bwd, add=h)
+                common.cpu_linear(dg, bwd, add=h)
 
     # Plus the GEMMs over all T*N rows, per layer and weight set: input projection, input gradient,
     # W_ih and W_hh gradients (the kernel's calls). The two together are all the arithmetic of an
@@ -553,10 +553,10 @@ def bench_pcm3pp_gru(opts):
         for layer in range(layers):
             x, w = xs[min(layer, 1)], w_ih[min(layer, 1)]
             for _ in range(2):
-                pcm3pp._linear(x, w, b_hh)
-                pcm3pp._linear(dg_rows, w.t())
-                pcm3pp._linear(dg_rows.t(), x.t())
-                pcm3pp._linear(dg_rows.t(), h_rows.t())
+                common.cpu_linear(x, w, b_hh)
+                common.cpu_linear(dg_rows, w.t())
+                common.cpu_linear(dg_rows.t(), x.t())
+                common.cpu_linear(dg_rows.t(), h_rows.t())
 
     def grads():
         return [q.grad.clone() for q in enc.parameters() if q.grad is not None]

@@ -122,8 +122,8 @@ def test_whole_sequence_encoder_equals_official_step_by_step_recurrence(monkeypa
     wrt = [x] + list(enc.encoder.parameters())
     ref_g = torch.autograd.grad((_official_loop(enc, x) * gy).sum(), wrt)
     # CPU kernel with oneDNN's linear (where the build has it), with plain addmm, and torch.gru
-    for native, onednn in ((False, pcm3pp._ONEDNN), (False, False), (True, False)):
-        monkeypatch.setattr(pcm3pp, "_ONEDNN", onednn)
+    for native, onednn in ((False, common._ONEDNN), (False, False), (True, False)):
+        monkeypatch.setattr(common, "_ONEDNN", onednn)
         h = enc.input_norm(enc.flatten(x).transpose(1, 2)).transpose(1, 2)
         out = pcm3pp.forward_in_time_gru(enc.encoder, h, native=native)
         assert (out - ref).abs().max().item() < 1e-5
