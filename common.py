@@ -247,7 +247,7 @@ def count_params(module: nn.Module) -> int:
 
 # oneDNN's fp32 linear (the CPU kernel behind inductor's linear), where this torch build has it. On the
 # 2-core dev CPU, one thread: a batch-8 product with a 1024 -> 3072 weight (a GRU's hidden product)
-# took 0.5-0.8 ms with the weight packed once by cpu_pack, against 1.5-1.7 ms for addmm on the plain
+# took 0.5-0.8 ms with the weight packed once by cpu_pack, against 1.5-1.8 ms for addmm on the plain
 # weight; (512 x 2048) @ (2048 x 3072)-sized GEMMs took 61-71 ms against 70-91 ms for mm / addmm.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
