@@ -89,10 +89,11 @@ name it with --only): even at the smallest batches it takes minutes on CPU.
 
 Wall times measured on the shared 2-core CPU (one thread): a plain --quick run 44-49 s (three runs
 at load average 2.6-2.9; "bench_wall_s": train 17-19 s, linear_cache 14-16 s, pcm3pp_gru 6-7 s,
-usdrl_views ~2 s, plus ~4 s of start-up and exit); official_step with --quick ~3.3 min (load average
-3-4; ~2 of them PCM3's port at ~50 s a step); without --quick, official_step at batch 8 took ~3 min
-for USDRL and ~1 min each for SCD-Net and MCC (PCM3++: not measured, roughly 10 min expected from
-batch 3).
+usdrl_views ~2 s, plus ~4 s of start-up and exit), 54 s at load ~1 with the exact_floor line
+(total of bench_wall_s 38.7 s in the next run, pcm3pp_gru 7.5 s of it); official_step with --quick
+~3.3 min (load average 3-4; ~2 of them PCM3's port at ~50 s a step); without --quick,
+official_step at batch 8 took ~3 min for USDRL, ~1 min each for SCD-Net and MCC and ~3 min for
+PCM3++ (its port's steps ~40 s each), ~10 min for all four.
 
 The last line ({"what": "summary", ...}) repeats every speedup of the run, per benchmark (and
 method) and allocator, next to its target, so the result of the comparison reads off one line; it
