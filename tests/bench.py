@@ -51,14 +51,15 @@ its largest entry, `max_grad_rel_diff`); then 1 (--quick) or min(--repeats, 5) i
 runs. Target: `speedup_vs_step_by_step` >= 5 on CPU. A third line (CPU only), "recurrent_floor",
 times only what neither form can batch over time: the 2 * layers * frames sequential hidden products
 (forward W_hh h and backward dh W_hh of both weight sets, batch 8: each reads all of W_hh), made the
-way the CPU kernel makes them (common.cpu_pack / cpu_linear: oneDNN, weights packed once per
-layer, one weight set at a time); `max_speedup_vs_step_by_step` = official / floor is what a form making these
-products the same way could reach if everything else were free, `ours_over_floor` how far ours is
-from it. A fourth line, "exact_floor", adds the GEMMs over all T*N rows (per layer and weight set:
-input projection, input gradient, W_ih and W_hh gradients; ~100 of the ~138 GFLOP of a forward +
-backward at this config), made as the kernel makes them: all the arithmetic of an exact forward +
-backward, so its max_speedup is what these kernels allow at this thread count if nothing else cost
-anything. The summary repeats both as "pcm3pp_gru_floors".
+way the CPU kernel makes them (common.cpu_pack / cpu_linear: oneDNN, weights packed once per layer,
+one weight set at a time); `max_speedup_vs_step_by_step` = official / floor is what a form making
+these products the same way could reach if everything else were free, `ours_over_floor` how far ours
+is from it. A fourth line, "exact_floor", adds the GEMMs over all T*N rows (per layer and weight
+set: input projection, input gradient, W_ih and W_hh gradients; ~100 of the ~138 GFLOP of a forward
++ backward at this config), made as the kernel makes them: all the matrix products of an exact
+forward + backward (only the gates' elementwise ops left out), so its max_speedup is what these
+kernels allow at this thread count if nothing else cost anything. The summary repeats both as
+"pcm3pp_gru_floors".
 
 train: per method (--methods), one optimizer step exactly as its script's loop does it (views built
 from raw clips + forward + loss + backward + optimizer step + momentum update / enqueue: the *_step
@@ -542,8 +543,8 @@ def bench_pcm3pp_gru(opts):
                 common.cpu_linear(dg, bwd, add=h)
 
     # Plus the GEMMs over all T*N rows, per layer and weight set: input projection, input gradient,
-    # W_ih and W_hh gradients (the kernel's calls). The two together are all the arithmetic of an
-    # exact forward + backward, made with these kernels.
+    # W_ih and W_hh gradients (the kernel's calls). The two together are all the matrix products of
+    # an exact forward + backward, made with these kernels.
     rows = batch * frames
     xs = [torch.randn(rows, w, device=dev) for w in (enc.encoder.input_size, 2 * hid)]
     w_ih = [torch.randn(3 * hid, x.shape[1], device=dev) for x in xs]
