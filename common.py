@@ -1037,9 +1037,26 @@ def _linear_map(x: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
 
 def _block_size(N: int, device: torch.device) -> int:
     """Samples processed together. On CPU, blocks of 32 samples (about 1 MB of output at 64 frames)
-    keep a block in cache across the three multiply-adds of _per_joint_map; on an accelerator the
-    whole batch is one block."""
+    keep a block in cache across the gather and the three multiply-adds of _per_joint_map /
+    crop_corrupt_or_shear; on an accelerator the whole batch is one block."""
     return 32 if device.type == "cpu" else max(N, 1)
+
+
+def _joint_mats(a_sel: torch.Tensor, a_other: torch.Tensor, sel: torch.Tensor, M: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Per-(sample, joint, body) 3x3 matrices of _per_joint_map: (N, 3, 3, 1, V*M) [n, c, k, 0, vm]
+    = (a_sel[n] if sel[n, v] else a_other[n])[c, k], ready to broadcast over frames."""
+    sel_vm = sel.repeat_interleave(M, dim=1) if M > 1 else sel                  # (N, V*M)
+    return torch.where(sel_vm[:, None, None, None, :], a_sel.to(dtype)[..., None, None],
+                       a_other.to(dtype)[..., None, None])
+
+
+def _map_block(o: torch.Tensor, x: torch.Tensor, mats: torch.Tensor) -> None:
+    """o (n, 3, T, V*M) = per-joint 3x3 map of x (n, 3, T, V*M) with mats (n, 3, 3, 1, V*M): three
+    broadcast multiply-adds (contiguous V*M inner loops), o written in place."""
+    torch.mul(x[:, None, 0], mats[:, :, 0], out=o)
+    o.addcmul_(x[:, None, 1], mats[:, :, 1])
+    o.addcmul_(x[:, None, 2], mats[:, :, 2])
 
 
 def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
@@ -1048,7 +1065,8 @@ def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
 
     x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M), written into
     `out` when given (a contiguous tensor of x's shape, e.g. one view's rows of a batch). Three
-    broadcast multiply-adds over a (N, 3, T, V*M) layout (contiguous V*M inner loops).
+    broadcast multiply-adds over a (N, 3, T, V*M) layout (contiguous V*M inner loops), in blocks of
+    samples that stay in cache across the three.
 
     Measured alternatives (CPU, 256 x (3, 64, 25, 2), one thread, process CPU time) that were
     slower: the (N, V, 3, 3) matrices through einsum (it permutes to a (N*V)-batch bmm: ~1.8x);
@@ -1056,22 +1074,13 @@ def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
     into longer inner loops, per-coordinate ops, or blocks of 4-8 / 256 samples (equal or slower).
     For scale: a plain bmm with one 3x3 per sample takes ~0.6x the time of this map."""
     N, _, T, V, M = x.shape
-    sel_vm = sel.repeat_interleave(M, dim=1) if M > 1 else sel                  # (N, V*M)
-    mats = torch.where(sel_vm[:, None, None, None, :], a_sel.to(x.dtype)[..., None, None],
-                       a_other.to(x.dtype)[..., None, None])                    # (N, 3, 3, 1, V*M) [n, c, k]
-    xf = x.reshape(N, 3, 1, T, V * M)
+    mats = _joint_mats(a_sel, a_other, sel, M, x.dtype)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    res = out.view(N, 3, T, V * M)
-    # Per-block views built up front by split (fewer Python-level slicing calls per block).
+    res, xf = out.view(N, 3, T, V * M), x.reshape(N, 3, T, V * M)
     step = _block_size(N, x.device)
-    o_blk = res.split(step)
-    x_blk = [xf[:, k].split(step) for k in range(3)]                            # [k][block] (n, 1, T, V*M)
-    m_blk = [mats[:, :, k].split(step) for k in range(3)]                       # [k][block] (n, 3, 1, V*M)
-    for i, o in enumerate(o_blk):                                               # o (n, 3, T, V*M)
-        torch.mul(x_blk[0][i], m_blk[0][i], out=o)
-        o.addcmul_(x_blk[1][i], m_blk[1][i])
-        o.addcmul_(x_blk[2][i], m_blk[2][i])
+    for s in range(0, N, step):
+        _map_block(res[s:s + step], xf[s:s + step], mats[s:s + step])
     return res.view(N, 3, T, V, M)
 
 
@@ -1090,6 +1099,37 @@ def _check_batch(x: torch.Tensor, name: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Temporal crop / resize (methods.md 0.4, 0.5)
 # ----------------------------------------------------------------------------------------------
+def _resample_plan(start: torch.Tensor, length: torch.Tensor, out_len: int, C: int, T: int,
+                   sample: torch.Tensor, n_in: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and weights of _resample's fused gather, for output clip i read from input clip
+    sample[i] of an (n_in, C, T, ...) batch viewed as (n_in*C*T, V*M) rows: rows (B, C*out_len, 2)
+    (int32 when the row numbers fit: half the index traffic), weights (B, C*out_len, 2) of `dtype`,
+    B = len(start) (see _resample for the rule)."""
+    dev = start.device
+    it = torch.int32 if n_in * C * T < 2 ** 31 else torch.int64
+    scale = length.to(torch.float32) / out_len                                  # (B,)
+    dst = torch.arange(out_len, device=dev, dtype=torch.float32) + 0.5          # (out_len,)
+    src = (scale[:, None] * dst - 0.5).clamp_(min=0.0)                          # (B, out_len)
+    last = (length - 1).to(it)[:, None]
+    i0 = torch.minimum(src.floor().to(it), last)                                # (B, out_len)
+    w1 = (src - i0).clamp_(0.0, 1.0)                                            # i0 promoted to float32
+    pair = torch.stack([i0, i0 + (i0 < last).to(it)], dim=-1)                   # (B, out_len, 2)
+    # One contiguous V*M row per (clip, coord, frame); index and weight tensors are built per clip
+    # and broadcast over C in a single op each.
+    base = ((sample[:, None] * C + torch.arange(C, device=dev)) * T + start[:, None]).to(it)  # (B, C)
+    B = len(start)
+    rows = (base[:, :, None, None] + pair[:, None]).view(B, C * out_len, 2)
+    weights = torch.stack([1.0 - w1, w1], dim=-1).to(dtype)[:, None].expand(B, C, out_len, 2)
+    return rows, weights.reshape(B, C * out_len, 2)
+
+
+def _gather_frames(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """embedding_bag sums the two weighted V*M rows of every output frame: x (N, C, T, V, M),
+    rows / weights (B, C*L, 2) from _resample_plan -> (B*C*L, V*M)."""
+    return F.embedding_bag(rows.view(-1, 2), x.reshape(-1, x.shape[3] * x.shape[4]), mode="sum",
+                           per_sample_weights=weights.reshape(-1, 2))
+
+
 def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_len: int) -> torch.Tensor:
     """Per-sample linear resampling of frames [start, start+length) to out_len frames.
 
@@ -1104,24 +1144,9 @@ def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_le
     5e-7). The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp).
     Frames at or after start+length are never read."""
     N, C, T = x.shape[:3]
-    rest = x.shape[3:]
-    dev = x.device
-    scale = length.to(torch.float32) / out_len                                  # (N,)
-    dst = torch.arange(out_len, device=dev, dtype=torch.float32) + 0.5          # (out_len,)
-    src = (scale[:, None] * dst - 0.5).clamp_(min=0.0)                          # (N, out_len)
-    last = (length - 1)[:, None]
-    i0 = torch.minimum(src.floor().long(), last)                                # (N, out_len)
-    w1 = (src - i0).clamp_(0.0, 1.0)                                            # i0 promoted to float32
-    pair = torch.stack([i0, i0 + (i0 < last)], dim=-1)                          # (N, out_len, 2)
-    # One fused gather + weighted sum on the (N*C*T, V*M) view, one contiguous V*M row per
-    # (sample, coord, frame): embedding_bag sums the two weighted rows of every output frame.
-    # Index and weight tensors are built per sample and broadcast over C in a single op each.
-    base = (torch.arange(N, device=dev)[:, None] * C + torch.arange(C, device=dev)) * T + start[:, None]
-    rows = base[:, :, None, None] + pair[:, None]                               # (N, C, out_len, 2)
-    weights = torch.stack([1.0 - w1, w1], dim=-1).to(x.dtype)[:, None].expand(N, C, out_len, 2)
-    out = F.embedding_bag(rows.view(-1, 2), x.flatten(0, 2).flatten(1), mode="sum",
-                          per_sample_weights=weights.reshape(-1, 2))            # (N*C*out_len, V*M)
-    return out.view(N, C, out_len, *rest)
+    rows, weights = _resample_plan(start, length, out_len, C, T,
+                                   torch.arange(N, device=x.device), N, x.dtype)
+    return _gather_frames(x, rows, weights).view(N, C, out_len, *x.shape[3:])
 
 
 def _crop_window(num_frame: torch.Tensor, T: int, g: torch.Generator, scale, min_len: int):
@@ -1312,27 +1337,38 @@ def _corrupt_or_shear_params(g: torch.Generator, N: int, V: int, device):
 
 def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Generator,
                           out_len: int = 64, scale=(0.1, 1.0), min_len: int = 64,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """corrupt_or_shear(crop_resize(x, ...)) with the same draws in the same order and bit-identical
-    values, computed in blocks of samples so that a block's resampled frames are still in cache when
-    mapped, and written straight into `out` (e.g. one view's rows of a buffer kept across steps): no
-    batch-sized intermediate. CPU, 4 views of 256 clips (300 -> 64 frames) into one kept buffer,
-    one thread, glibc's default malloc, process CPU time: 20.6-21.0 ms against 24.6-24.8 ms for the
-    two calls on the whole batch (blocks of 32 / 128 / 256 measured no better than 64). On an
-    accelerator the whole batch is one block.
+                          out: torch.Tensor | None = None, views: int = 1) -> torch.Tensor:
+    """`views` independent views corrupt_or_shear(crop_resize(x, ...)), view-major, with the draws
+    of those calls in the same order (view 0's crop and corrupt/shear draws, then view 1's...) and
+    bit-identical values. The gather indices and joint matrices of all views are built at once;
+    then, per block of clips, each view is resampled and mapped while in cache and written straight
+    into `out` (e.g. a buffer kept across steps): no batch-sized intermediate, and the views of a
+    block re-read the same raw clips from cache. CPU, 4 views of 256 clips (300 -> 64 frames), one
+    thread (tests/bench.py usdrl_views, six runs): 15.0-19.1 ms, where four one-view calls, each
+    building its indices per block of 64 clips with view after view over the whole batch, took
+    20.0-21.7 ms (two runs). On an accelerator the whole batch is one block.
 
-    x (N, 3, T, V, M), num_frame (N,) -> (N, 3, out_len, V, M) (`out` when given)."""
+    x (N, 3, T, V, M), num_frame (N,) -> (views*N, 3, out_len, V, M) (`out` when given)."""
     _check_batch(x, "crop_corrupt_or_shear")
-    N, V, dev = x.shape[0], x.shape[3], x.device
-    start, length = _crop_window(num_frame.to(dev), x.shape[2], g, scale, min_len)
-    a_sel, a_other, joints = _corrupt_or_shear_params(g, N, V, dev)
+    N, T, V, M, dev = x.shape[0], x.shape[2], x.shape[3], x.shape[4], x.device
+    nf = num_frame.to(dev)
+    draws = []
+    for _ in range(views):
+        draws.append((*_crop_window(nf, T, g, scale, min_len), *_corrupt_or_shear_params(g, N, V, dev)))
+    start, length, a_sel, a_other, joints = (torch.cat(d) for d in zip(*draws))
+    sample = torch.arange(N, device=dev).repeat(views)                          # (views*N,)
+    rows, weights = _resample_plan(start, length, out_len, 3, T, sample, N, x.dtype)
+    mats = _joint_mats(a_sel, a_other, joints, M, x.dtype)                      # (views*N, 3, 3, 1, V*M)
+    B = views * N
     if out is None:
-        out = x.new_empty(N, 3, out_len, *x.shape[3:])
-    step = 2 * _block_size(N, dev)
-    for s in range(0, N, step):
-        b = slice(s, s + step)
-        _per_joint_map(_resample(x[b], start[b], length[b], out_len), a_sel[b], a_other[b],
-                       joints[b], out[b])
+        out = x.new_empty(B, 3, out_len, V, M)
+    res = out.view(B, 3, out_len, V * M)
+    step = _block_size(N, dev)
+    for s in range(0, N, step):      # blocks of clips, every view of a block in turn: the views
+        for k in range(views):       # re-read the same raw clips, still in cache
+            b = slice(k * N + s, k * N + min(s + step, N))
+            frames = _gather_frames(x, rows[b], weights[b]).view(-1, 3, out_len, V * M)
+            _map_block(res[b], frames, mats[b])
     return out
 
 

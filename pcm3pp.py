@@ -447,8 +447,7 @@ def make_views(x: torch.Tensor, num_frame: torch.Tensor, a: Args, g: torch.Gener
     def crop():
         return common.crop_resize(x, num_frame, g, a.window, scale, a.window)
 
-    v1 = common.crop_corrupt_or_shear(x, num_frame, g, a.window, scale, a.window)
-    v2 = common.crop_corrupt_or_shear(x, num_frame, g, a.window, scale, a.window)
+    v1, v2 = common.crop_corrupt_or_shear(x, num_frame, g, a.window, scale, a.window, views=2).chunk(2)
     v3 = common.shear(crop(), g)
     v1, v2, v3 = (common.to_modality(v, a.modality) for v in (v1, v2, v3))
     lo, hi = a.clip_len

@@ -351,14 +351,10 @@ def make_views(x, num_frame, g, args, out=None):
     shape = (args.views * b, 3, args.window, V, M)
     if out is None or out.shape != shape or out.dtype != x.dtype or out.device != x.device:
         out = x.new_empty(shape)
-    kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window)
-    for k in range(args.views):
-        dst = out[k * b:(k + 1) * b]                 # each view lands in its rows: no torch.cat copy
-        if args.modality == "joint":
-            common.crop_corrupt_or_shear(x, num_frame, g, out=dst, **kw)
-        else:
-            dst.copy_(common.to_modality(common.crop_corrupt_or_shear(x, num_frame, g, **kw),
-                                         args.modality))
+    kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window, views=args.views)
+    if args.modality == "joint":  # every view lands in its rows of `out`: no torch.cat copy
+        return common.crop_corrupt_or_shear(x, num_frame, g, out=out, **kw)
+    out.copy_(common.to_modality(common.crop_corrupt_or_shear(x, num_frame, g, **kw), args.modality))
     return out
 
 

@@ -275,7 +275,7 @@ def test_corrupt_or_shear_picks_one_per_sample():
 
 
 def test_crop_corrupt_or_shear_is_the_blocked_composition():
-    # 150 clips span three CPU blocks (64, 64, 22): same draws, same order, bit-identical values,
+    # 150 clips span five CPU blocks (4 x 32, 22): same draws, same order, bit-identical values,
     # written into the given rows and nowhere else
     N, T = 150, 90
     x = torch.randn(N, 3, T, V, 2, generator=gen(40))
@@ -288,6 +288,20 @@ def test_crop_corrupt_or_shear_is_the_blocked_composition():
     assert (buf[:2] == 7).all() and (buf[N + 2:] == 7).all()
     assert torch.equal(g1.get_state(), g2.get_state())   # the next draws match too
     assert torch.equal(C.crop_corrupt_or_shear(x, nf, gen(42), 32, (0.1, 1.0), 32), ref)
+
+
+def test_crop_corrupt_or_shear_views_equal_repeated_calls():
+    # views=3 in one call = three one-view calls in a row: same draws in the same order, the same
+    # values view-major, and the generator left where the three calls leave it
+    N, T = 70, 80
+    x = torch.randn(N, 3, T, V, 2, generator=gen(43))
+    nf = torch.randint(20, T + 1, (N,), generator=gen(44))
+    g1, g2 = gen(45), gen(45)
+    ref = torch.cat([C.crop_corrupt_or_shear(x, nf, g1, 32, (0.2, 1.0), 32) for _ in range(3)])
+    got = C.crop_corrupt_or_shear(x, nf, g2, 32, (0.2, 1.0), 32, views=3)
+    assert got.shape == (3 * N, 3, 32, V, 2) and torch.equal(got, ref)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert not torch.equal(got[:N], got[N:2 * N])   # the views are independent draws
 
 
 def test_joint_jitter_noise_level():
