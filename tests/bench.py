@@ -11,9 +11,10 @@ in one measurement are timed interleaved). Add a benchmark by writing a function
 
 usdrl_views: USDRL-style pre-training views (methods.md 1.4: crop-resize to 64 frames, then joint
 corruption or shear, 4 views per clip) from one batch of raw (3, 300, 25, 2) clips, built
-  * "batched": usdrl.make_views, the script's own view builder (common.crop_corrupt_or_shear on
-    blocks of the batch, each view written into its rows of one (views * batch) tensor, which the
-    model then reads view by view; as in the training loop, that tensor is the previous call's);
+  * "batched": usdrl.make_views, the script's own view builder (one common.crop_corrupt_or_shear
+    call for all views, on blocks of clips, each view written into its rows of one (views * batch)
+    tensor, which the model then reads view by view; as in the training loop, that tensor is the
+    previous call's);
   * "numpy_per_sample": the official repos' way, written here from the description in methods.md
     0.4 / 1.4: a Python loop over samples and views, numpy crop, torch F.interpolate of each crop,
     `random.random()` to pick numpy joint corruption or numpy shear, then the DataLoader's collation
