@@ -1100,7 +1100,8 @@ def _check_batch(x: torch.Tensor, name: str) -> None:
 # Temporal crop / resize (methods.md 0.4, 0.5)
 # ----------------------------------------------------------------------------------------------
 def _resample_plan(start: torch.Tensor, length: torch.Tensor, out_len: int, C: int, T: int,
-                   sample: torch.Tensor, n_in: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                   sample: torch.Tensor, n_in: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and weights of _resample's fused gather, for output clip i read from input clip
     sample[i] of an (n_in, C, T, ...) batch viewed as (n_in*C*T, V*M) rows: rows (B, C*out_len, 2)
     (int32 when the row numbers fit: half the index traffic), weights (B, C*out_len, 2) of `dtype`,
@@ -1123,10 +1124,15 @@ def _resample_plan(start: torch.Tensor, length: torch.Tensor, out_len: int, C: i
     return rows, weights.reshape(B, C * out_len, 2)
 
 
-def _gather_frames(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """embedding_bag sums the two weighted V*M rows of every output frame: x (N, C, T, V, M),
-    rows / weights (B, C*L, 2) from _resample_plan -> (B*C*L, V*M)."""
-    return F.embedding_bag(rows.view(-1, 2), x.reshape(-1, x.shape[3] * x.shape[4]), mode="sum",
+def _frame_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, T, V, M) as the (N*C*T, V*M) table _gather_frames reads (a view when contiguous)."""
+    return x.reshape(-1, x.shape[3] * x.shape[4])
+
+
+def _gather_frames(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """embedding_bag sums the two weighted V*M rows of every output frame: table (N*C*T, V*M) from
+    _frame_rows, rows / weights (B, C*L, 2) from _resample_plan -> (B*C*L, V*M)."""
+    return F.embedding_bag(rows.view(-1, 2), table, mode="sum",
                            per_sample_weights=weights.reshape(-1, 2))
 
 
@@ -1146,7 +1152,7 @@ def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_le
     N, C, T = x.shape[:3]
     rows, weights = _resample_plan(start, length, out_len, C, T,
                                    torch.arange(N, device=x.device), N, x.dtype)
-    return _gather_frames(x, rows, weights).view(N, C, out_len, *x.shape[3:])
+    return _gather_frames(_frame_rows(x), rows, weights).view(N, C, out_len, *x.shape[3:])
 
 
 def _crop_window(num_frame: torch.Tensor, T: int, g: torch.Generator, scale, min_len: int):
@@ -1344,17 +1350,20 @@ def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Gen
     then, per block of clips, each view is resampled and mapped while in cache and written straight
     into `out` (e.g. a buffer kept across steps): no batch-sized intermediate, and the views of a
     block re-read the same raw clips from cache. CPU, 4 views of 256 clips (300 -> 64 frames), one
-    thread (tests/bench.py usdrl_views, six runs): 15.0-19.1 ms, where four one-view calls, each
+    thread (tests/bench.py usdrl_views, five runs): 14.6-19.1 ms, where four one-view calls, each
     building its indices per block of 64 clips with view after view over the whole batch, took
     20.0-21.7 ms (two runs). On an accelerator the whole batch is one block.
 
     x (N, 3, T, V, M), num_frame (N,) -> (views*N, 3, out_len, V, M) (`out` when given)."""
     _check_batch(x, "crop_corrupt_or_shear")
+    if views < 1:
+        raise ValueError(f"crop_corrupt_or_shear: views must be >= 1, got {views}")
     N, T, V, M, dev = x.shape[0], x.shape[2], x.shape[3], x.shape[4], x.device
     nf = num_frame.to(dev)
     draws = []
     for _ in range(views):
-        draws.append((*_crop_window(nf, T, g, scale, min_len), *_corrupt_or_shear_params(g, N, V, dev)))
+        draws.append((*_crop_window(nf, T, g, scale, min_len),
+                      *_corrupt_or_shear_params(g, N, V, dev)))
     start, length, a_sel, a_other, joints = (torch.cat(d) for d in zip(*draws))
     sample = torch.arange(N, device=dev).repeat(views)                          # (views*N,)
     rows, weights = _resample_plan(start, length, out_len, 3, T, sample, N, x.dtype)
@@ -1362,12 +1371,12 @@ def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Gen
     B = views * N
     if out is None:
         out = x.new_empty(B, 3, out_len, V, M)
-    res = out.view(B, 3, out_len, V * M)
+    res, table = out.view(B, 3, out_len, V * M), _frame_rows(x)  # table: one copy at most
     step = _block_size(N, dev)
     for s in range(0, N, step):      # blocks of clips, every view of a block in turn: the views
         for k in range(views):       # re-read the same raw clips, still in cache
             b = slice(k * N + s, k * N + min(s + step, N))
-            frames = _gather_frames(x, rows[b], weights[b]).view(-1, 3, out_len, V * M)
+            frames = _gather_frames(table, rows[b], weights[b]).view(-1, 3, out_len, V * M)
             _map_block(res[b], frames, mats[b])
     return out
 

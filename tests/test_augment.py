@@ -302,6 +302,12 @@ def test_crop_corrupt_or_shear_views_equal_repeated_calls():
     assert got.shape == (3 * N, 3, 32, V, 2) and torch.equal(got, ref)
     assert torch.equal(g1.get_state(), g2.get_state())
     assert not torch.equal(got[:N], got[N:2 * N])   # the views are independent draws
+    # a non-contiguous batch (body-major storage seen as (N, 3, T, V, M)) gives the same views
+    xs = torch.empty(N, 3, T, V, 2).transpose(3, 4).contiguous().transpose(3, 4).copy_(x)
+    assert not xs.is_contiguous()
+    assert torch.equal(C.crop_corrupt_or_shear(xs, nf, gen(45), 32, (0.2, 1.0), 32, views=3), ref)
+    with pytest.raises(ValueError, match="views"):
+        C.crop_corrupt_or_shear(x, nf, gen(45), 32, (0.2, 1.0), 32, views=0)
 
 
 def test_joint_jitter_noise_level():
