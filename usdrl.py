@@ -351,10 +351,11 @@ def make_views(x, num_frame, g, args, out=None):
     shape = (args.views * b, 3, args.window, V, M)
     if out is None or out.shape != shape or out.dtype != x.dtype or out.device != x.device:
         out = x.new_empty(shape)
-    kw = dict(out_len=args.window, scale=tuple(args.crop_scale), min_len=args.window, views=args.views)
-    if args.modality == "joint":  # every view lands in its rows of `out`: no torch.cat copy
-        return common.crop_corrupt_or_shear(x, num_frame, g, out=out, **kw)
-    out.copy_(common.to_modality(common.crop_corrupt_or_shear(x, num_frame, g, **kw), args.modality))
+    # every view lands in its rows of `out` (no torch.cat copy); bone/motion then replace them
+    common.crop_corrupt_or_shear(x, num_frame, g, args.window, tuple(args.crop_scale),
+                                 args.window, out=out, views=args.views)
+    if args.modality != "joint":
+        out.copy_(common.to_modality(out, args.modality))
     return out
 
 
