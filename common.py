@@ -459,7 +459,24 @@ class GlobalBatchNorm2d(_GlobalBN, nn.BatchNorm2d):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and RNG state
 # ----------------------------------------------------------------------------------------------
-CKPT_VERSION = 1
+CKPT_VERSION = 2
+# Flags renamed in checkpoint version 2 so that one concept has one name in all four scripts.
+RENAMED_ARGS = {
+    "usdrl": {"sim_weight": "w_sim", "vac_weight": "w_vac", "xcorr_weight": "w_xcorr",
+              "domain_weight": "w_domain", "std_weight": "w_std", "offdiag_weight": "w_offdiag"},
+    "scd_net": {"num_person": "bodies", "moco_m": "key_momentum"},
+    "pcm3pp": {"momentum": "key_momentum", "sgd_momentum": "momentum", "rec_weight": "w_rec"},
+    "mcc": {"tau": "temperature"},
+}
+
+
+def checkpoint_args(ckpt: dict) -> dict:
+    """The checkpoint's args dict under today's flag names (version 1 used older names)."""
+    args = dict(ckpt["args"])
+    if ckpt.get("version", 1) < 2:
+        renames = RENAMED_ARGS.get(ckpt.get("method"), {})
+        args = {renames.get(k, k): v for k, v in args.items()}
+    return args
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -872,6 +889,27 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str, part: str 
     if check:
         check_finite(data, f)
     return SkeletonSplit(data, num_frame, labels, names, num_classes, d)
+
+
+def check_data_prep(data_dir: str | os.PathLike, dataset: str, split: str, z_align: bool,
+                    allow: bool, who: str) -> None:
+    """Refuse data prepared differently from what `who` was trained on in its official run
+    (z-aligned or not, recorded by data_prep.py in <dataset folder>/prep_info.json)."""
+    if dataset.startswith("synthetic"):  # the built-in set has no official run to match
+        return
+    folder = split_dir(data_dir, dataset, split).parent
+    try:
+        recorded = bool(json.loads((folder / "prep_info.json").read_text())["z_align"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"warning: {folder} has no readable prep_info.json (prepared elsewhere): cannot check "
+              f"that it is {'' if z_align else 'not '}z-aligned as {who} expects", file=sys.stderr)
+        return
+    if recorded != z_align and not allow:
+        flag = "" if z_align else " --no_z_align"
+        raise UserError(f"{folder}: prepared {'with' if recorded else 'without'} z-alignment, but "
+                        f"{who} expects {'' if z_align else 'no '}z-alignment; prepare it with "
+                        f"`python data_prep.py --dataset {dataset}{flag}` or pass "
+                        f"--allow_data_mismatch")
 
 
 class BatchLoader:
