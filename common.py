@@ -105,31 +105,50 @@ def _optional_parser(kind: Any) -> Callable[[str], Any]:
     return parse
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field; booleans get --key and --no_key."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _show(v: Any) -> str:
+    """A value as it is typed on the command line: lists space-separated, bools as yes/no."""
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    return str(v)
+
+
+def build_parser(cls: type, description: str | None = None,
+                 quick: dict | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field; booleans get --key and --no_key.
+    --help shows each default once and, where `quick` changes a field, its quick value."""
+    epilog = None
+    if quick:
+        epilog = ("the quick config (--quick; automatic on synthetic* datasets) sets every flag "
+                  "not given: " + " ".join(f"--{k} {_show(v)}" for k, v in quick.items()))
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = _field_default(f)
         help_ = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
+        shown = "" if default in (None, "", []) or tp is bool and not default else \
+            f" (default: {'on' if default is True else _show(default)})"
+        if quick and f.name in quick:
+            shown += f" (quick: {_show(quick[f.name])})"
         if tp is bool:
             g = p.add_mutually_exclusive_group()
             g.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=default,
-                           help=help_)
+                           help=help_ + shown)
             g.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
                            default=argparse.SUPPRESS, help=f"turn --{f.name} off")
             continue
         kind = _scalar_type(tp, default)
         optional = type(None) in get_args(tp)
         conv = _optional_parser(kind) if optional else kind
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         if _is_list(tp):
-            p.add_argument(f"--{f.name}", type=conv, nargs="+", default=default, help=help_,
-                           choices=choices)
+            p.add_argument(f"--{f.name}", type=conv, nargs="+", default=default, help=help_ + shown,
+                           choices=choices, metavar=metavar)
         else:
-            p.add_argument(f"--{f.name}", type=conv, default=default, help=help_, choices=choices)
+            p.add_argument(f"--{f.name}", type=conv, default=default, help=help_ + shown,
+                           choices=choices, metavar=metavar)
     return p
 
 
@@ -137,18 +156,18 @@ def parse_args(cls: type, argv: list[str] | None = None, quick: dict | None = No
                description: str | None = None) -> Any:
     """Parse the command line into the dataclass `cls`.
 
-    `quick` holds the small quick-start config: when the dataset is a synthetic one it replaces every
-    field the user did not pass explicitly, so `python usdrl.py --dataset synthetic` runs in minutes
-    on a CPU while the dataclass defaults stay the paper's run.
+    `quick` holds the small quick-start config: with --quick, or when the dataset is a synthetic
+    one, it replaces every field the user did not pass explicitly, so `python usdrl.py --dataset
+    synthetic` runs in minutes on a CPU while the dataclass defaults stay the paper's run.
     """
     doc = (cls.__doc__ or "").strip()
     if not description and doc and not doc.startswith(cls.__name__ + "("):
         description = doc  # the Args docstring, not the auto-generated signature
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, quick)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
     values = vars(ns)
-    if quick and str(values.get("dataset", "")).startswith("synthetic"):
+    if quick and (values.get("quick") or str(values.get("dataset", "")).startswith("synthetic")):
         given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
         given |= {g[3:] for g in given if g.startswith("no_")}
         applied = {k: v for k, v in quick.items() if k not in given}
@@ -156,11 +175,33 @@ def parse_args(cls: type, argv: list[str] | None = None, quick: dict | None = No
         if unknown:
             raise ValueError(f"quick config names unknown fields {unknown}")
         values.update(applied)
+        if "quick" in values:
+            values["quick"] = True
         if applied:
             # stderr: scripts such as evaluate.py keep stdout for their JSON result lines
-            print("synthetic quick-start config: " +
-                  " ".join(f"--{k} {v}" for k, v in applied.items()), file=sys.stderr, flush=True)
+            print("quick config: " + " ".join(f"--{k} {_show(v)}" for k, v in applied.items()),
+                  file=sys.stderr, flush=True)
     return cls(**values)
+
+
+def to_flags(args: Any, quick: dict | None = None) -> str:
+    """The flags that rebuild `args` through parse_args: every field that differs from its default,
+    and, when the quick config is on, every field it names (parse_args would re-apply it)."""
+    import shlex
+    keep = set(quick or ()) if getattr(args, "quick", False) else set()
+    out = []
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        default = _field_default(f)
+        if f.name not in keep and (v == default or isinstance(v, tuple) and list(v) == default):
+            continue
+        if isinstance(v, bool):
+            out.append(f"--{f.name}" if v else f"--no_{f.name}")
+        elif isinstance(v, (list, tuple)):
+            out.append(f"--{f.name} " + " ".join(shlex.quote(str(x)) for x in v))
+        else:
+            out.append(f"--{f.name} {shlex.quote(str(v))}")
+    return " ".join(out)
 
 
 def args_to_dict(args: Any) -> dict:
@@ -203,11 +244,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype(device: torch.device, name: str) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. "auto" = bf16 on CUDA, fp32 on CPU."""
+    """The autocast dtype, or None for plain fp32. fp16 is a CUDA recipe (autocast + GradScaler):
+    on CPU it runs fp32. "auto" (checkpoints before version 2) = bf16 on CUDA, fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if name not in _DTYPES:
-        raise UserError(f"--dtype {name!r}: expected auto, fp32, bf16 or fp16")
+        raise UserError(f"--dtype {name!r}: expected fp32, bf16 or fp16")
+    if name == "fp16" and device.type != "cuda":
+        return None
     return None if name == "fp32" else _DTYPES[name]
 
 
@@ -627,6 +671,155 @@ class RunLogger:
                                                  **metrics}))
 
 
+RUN_FILES = ("last.pt", "stage1.pt", "args.json", "log.txt", "metrics.jsonl")
+
+
+class Run:
+    """The output folder of one training run and everything written into it (rank 0 writes).
+
+    Construct it after the inputs were checked: it refuses a folder that holds a last.pt unless
+    --resume or --overwrite is given, then creates the folder. It keeps a progress bar over steps,
+    logs the global mean of the loss terms every --log_every steps and at each epoch end, and
+    writes atomic checkpoints that record the training script's file name."""
+
+    def __init__(self, args: Any, method: str, script: str, d: "Dist", quick: dict | None = None):
+        self.args, self.method, self.script, self.d = args, method, Path(script).name, d
+        self.dir = Path(args.out_dir or f"out/{method}_{args.dataset}_{args.split}")
+        self.ckpt_path = self.dir / "last.pt"
+        if args.resume and not self.ckpt_path.is_file():
+            raise UserError(f"--resume: {self.ckpt_path} not found")
+        if not args.resume and self.ckpt_path.exists() and not args.overwrite:
+            raise UserError(f"{self.dir}: holds a run (last.pt); add --resume to continue it, "
+                            f"--overwrite to start it again, or choose another --out_dir")
+        if d.ddp:
+            dist.barrier()  # every rank has checked the folder before rank 0 cleans it
+        if d.is_main and args.overwrite and not args.resume:
+            for name in RUN_FILES:
+                (self.dir / name).unlink(missing_ok=True)
+        self.logger = RunLogger(self.dir, d.is_main)
+        if d.is_main:
+            save_json(args_to_dict(args), self.dir / "args.json")
+        self.info(f"config: python {self.script} {to_flags(args, quick)}")
+        self.bar = None
+
+    def info(self, msg: str) -> None:
+        self.logger.info(msg)
+
+    def resume(self, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               *generators: torch.Generator) -> dict:
+        """Restore model, optimizer, scaler and RNG states from last.pt; the metrics rows written
+        after it was saved are dropped (they will be written again) and a marker row is added."""
+        ck = load_checkpoint(self.ckpt_path, self.method)
+        load_state(model, ck["model"], self.ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        load_scaler(scaler, ck["scaler"])
+        set_rng_state(ck["rng"], *generators)
+        if self.d.is_main:
+            path = self.dir / "metrics.jsonl"
+            rows = path.read_text().splitlines() if path.exists() else []
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= ck["step"]]
+            atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept)), mode="w")
+            append_jsonl(path, {"event": "resume", "step": ck["step"], "epoch": ck["epoch"],
+                                "time": time.time()})
+        self.info(f"resumed from {self.ckpt_path} at epoch {ck['epoch']} (step {ck['step']})")
+        return ck
+
+    def start(self, total_steps: int, step: int) -> None:
+        """The progress bar over all steps of the run; the rate and ETA count from here."""
+        from tqdm import tqdm
+        self.total, self.t0, self.step0 = total_steps, time.time(), step
+        self.t_log, self.step_log = self.t0, step
+        self.bar = tqdm(total=total_steps, initial=step, desc=self.method, unit="step",
+                        disable=not self.d.is_main, dynamic_ncols=True)
+
+    def step(self, step: int, epoch: float, terms: dict, lr: float) -> None:
+        """One finished step: terms = detached scalar loss tensors ("loss" first). Every
+        --log_every steps: their mean over all processes, samples/s and ETA as one row."""
+        self.bar.update(1)
+        if step % self.args.log_every:
+            return
+        vals = dict(zip(terms, all_reduce_mean(torch.stack([v.float() for v in terms.values()]))
+                        .tolist()))
+        if not all(math.isfinite(v) for v in vals.values()):
+            raise UserError(f"non-finite loss at step {step} ({_fmt_terms(vals)}): lower --lr or "
+                            f"use --dtype fp32")
+        now = time.time()
+        rate = self.args.batch_size * (step - self.step_log) / max(now - self.t_log, 1e-9)
+        eta = (now - self.t0) / max(step - self.step0, 1) * (self.total - step)
+        self.logger.log(step, round(epoch, 3), **vals, lr=lr, samples_per_s=round(rate, 1),
+                        eta=format_eta(eta))
+        self.bar.set_postfix(loss=f"{vals[next(iter(vals))]:.4g}")
+        self.t_log, self.step_log = now, step
+
+    def end_epoch(self, step: int, epoch: int, sums: dict, n: int, lr: float) -> dict:
+        """The epoch's mean loss terms over all processes, logged as epoch_* columns."""
+        means = (all_reduce_mean(torch.stack([v.float() for v in sums.values()])) / max(n, 1))
+        metrics = {**dict(zip(sums, means.tolist())), "lr": lr}
+        self.logger.log(step, epoch + 1, **{f"epoch_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             epoch: int, step: int, metrics: dict, generators: tuple = (),
+             name: str = "last.pt") -> None:
+        """An atomic checkpoint (rank 0): the unwrapped module's state, optimizer, scaler, RNG."""
+        if not self.d.is_main:
+            return
+        save_checkpoint({
+            "method": self.method, "script": self.script, "args": args_to_dict(self.args),
+            "encoder": model.encoder.state_dict(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "step": step, "rng": rng_state(*generators), "dataset": self.args.dataset,
+            "split": self.args.split, "metrics": metrics, "version": CKPT_VERSION},
+            self.dir / name)
+
+    def done(self) -> None:
+        """Close the bar and print the command that evaluates this checkpoint."""
+        if self.bar is not None:
+            self.bar.close()
+        script = "" if self.script in METHOD_SCRIPTS else f" --script {self.script}"
+        self.info(f"done: {self.ckpt_path}\nnext: python evaluate.py --ckpt {self.ckpt_path}"
+                  f"{script} --task linear knn")
+
+
+METHOD_SCRIPTS = ("usdrl.py", "scd_net.py", "pcm3pp.py", "mcc.py")
+
+
+def _fmt_terms(vals: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in vals.items())
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """The seed of one epoch's random draws, a function of (seed, epoch, stream) only, so a run
+    resumed at an epoch boundary draws what an uninterrupted one does. stream: the rank for
+    per-rank draws, -1 for draws that every rank shares."""
+    return ((seed * 1_000_003 + epoch) * 1_009 + stream + 1) % 2**62
+
+
+def load_train_split(args: Any, d: "Dist", z_align: bool, who: str) -> "SkeletonSplit":
+    """The training split (rank 0 first generates the built-in synthetic set when it is missing),
+    refused when prepared differently from `who`'s official run (check_data_prep)."""
+    args.split = canonical_split(args.dataset, args.split)
+    check_data_prep(args.data_dir, args.dataset, args.split, z_align, args.allow_data_mismatch,
+                    who)
+    if d.ddp and not d.is_main:
+        dist.barrier()
+    split = load_split(args.data_dir, args.dataset, args.split, "train")
+    if d.ddp and d.is_main:
+        dist.barrier()
+    return split
+
+
+def wrap(model: nn.Module, d: "Dist", compile: bool) -> nn.Module:
+    """DDP under torchrun, then torch.compile if asked. Buffers are not broadcast: queues and the
+    global-batch BatchNorm statistics are equal on every rank by construction."""
+    net = model
+    if d.ddp:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    return torch.compile(net) if compile else net
+
+
 def _print(msg: str) -> None:
     """Print above an active tqdm bar when there is one."""
     try:
@@ -751,11 +944,10 @@ def canonical_split(dataset: str, split: str) -> str:
     if dataset not in DATASETS:
         raise UserError(f"--dataset {dataset!r}: unknown dataset (choose from "
                         f"{', '.join(DATASETS)})")
-    split = SPLIT_ALIASES.get(split, split)
-    if split not in DATASETS[dataset][1]:
+    if SPLIT_ALIASES.get(split, split) not in DATASETS[dataset][1]:  # the message names what was typed
         raise UserError(f"--split {split!r}: dataset {dataset} has splits "
                         f"{', '.join(DATASETS[dataset][1])}")
-    return split
+    return SPLIT_ALIASES.get(split, split)
 
 
 def split_dir(data_dir: str | os.PathLike, dataset: str, split: str) -> Path:

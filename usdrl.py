@@ -1,57 +1,50 @@
 """USDRL: Unified Skeleton-based Dense Representation Learning with multi-grained feature decorrelation.
 
-Paper: W. Weng et al., "USDRL: Unified Skeleton-Based Dense Representation Learning with Multi-Grained
-Feature Decorrelation", AAAI 2025.  Official code: https://github.com/wengwanjiang/USDRL (the facts we
-follow are in specs/methods.md section 1; where code and paper differ we follow the code, SPEC 5).
+Paper: W. Weng et al., AAAI 2025. Official code: https://github.com/wengwanjiang/USDRL
 
-What is trained: a Dense Spatio-Temporal Encoder (DSTE; a temporal stream whose tokens are frames and a
+What is trained: a Dense Spatio-Temporal Encoder (DSTE: a temporal stream whose tokens are frames and a
 spatial stream whose tokens are (body, joint) pairs), three projectors (temporal, spatial, instance) and
 the multi-grained feature-decorrelation loss (MSE similarity + VICReg variance/covariance + Barlow-Twins
 cross-correlation, in each of the three domains) over four augmented views of each clip. No negatives,
 no momentum encoder, no queue.
 
-Commands (--batch_size is the GLOBAL batch in every case):
-  1 GPU:      python usdrl.py --dataset ntu60 --split xsub --data_dir data
-  N GPUs:     torchrun --nproc_per_node 4 usdrl.py --dataset ntu60 --split xsub --data_dir data
-  CPU quick:  python usdrl.py --dataset synthetic      (small config below, a few minutes on 2 cores)
-  resume:     add --resume (continues from <out_dir>/last.pt); other streams: --modality bone|motion;
-  STTR ablation backbone: --backbone sttr.
+Commands (--batch_size is the GLOBAL batch):
+  1 GPU:     python usdrl.py --dataset ntu60 --split xsub --data_dir data
+  N GPUs:    torchrun --nproc_per_node 4 usdrl.py --dataset ntu60 --split xsub --data_dir data
+  CPU quick: python usdrl.py --dataset synthetic        (the QUICK config; --quick on any dataset)
+  evaluate:  python evaluate.py --ckpt out/usdrl_synthetic_xsub/last.pt --task linear knn
+  resume with --resume; other streams with --modality bone|motion; the STTR ablation: --backbone sttr.
+Data: prepared without z-alignment, as the official run (python data_prep.py ... --no_z_align).
 
-Quick start (`QUICK` below): for --dataset synthetic* every flag not given on the command line takes
-hidden 64, projectors 256/512, window 32, batch 64, 3 epochs, lr 1e-3 (about 0.8M parameters, 54 steps
-on the 1200 default synthetic clips); the defaults stay the paper's NTU-60 run. Then
-  python evaluate.py --ckpt out/usdrl_synthetic_xsub/last.pt --task linear knn --baseline random
-
-Deviations from the official code (each also noted where it happens): the losses run in fp32 (the
-official AMP runs them in fp16); projector BatchNorm uses global-batch statistics under torchrun (the
-official nn.DataParallel normalises per GPU replica); the last incomplete batch of an epoch is dropped
-(a 1-sample batch has no variance); --modality really switches the stream.
+Deviations from the official code:
+  - the losses run in fp32 on fp16-autocast projections (the official AMP runs them in fp16);
+  - projector BatchNorm uses global-batch statistics under torchrun (official: per DataParallel replica);
+  - the last incomplete batch of an epoch is dropped (a 1-sample batch has no variance);
+  - --modality really switches the stream (the official scripts always train joint).
 """
 import itertools
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 from common import arg
 
 METHOD = "usdrl"
+PROTOCOL = "usdrl"  # evaluate.py's protocol defaults (a fork keeps it)
+Z_ALIGN = False  # the official run reads data prepared without z-alignment
 
 
 @dataclass
 class Args:
     """USDRL pre-training. Defaults = the paper's NTU-60 xsub run (scripts/pretrain.sh)."""
-    dataset: str = arg("ntu60", "dataset name (ntu60, ntu120, pku1, pku2, synthetic, synthetic_ext)")
-    split: str = arg("xsub", "benchmark split (xsub, xview, xsetup)")
+    dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
+    split: str = arg("xsub", "benchmark split: xsub, xview (ntu60, pku2), xsetup (ntu120)")
     data_dir: str = arg("data", "root folder of the processed datasets")
-    out_dir: str = arg("", "output folder (default out/usdrl_<dataset>_<split>)")
+    out_dir: str = arg("", "output folder; empty: out/usdrl_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per view after the crop (the official scripts "
                         "always train joint)", choices=["joint", "bone", "motion"])
     backbone: str = arg("dste", "encoder: dste (the paper's) or sttr (2+2 post-LN transformer layers, "
@@ -68,12 +61,12 @@ class Args:
     proj_inst_dim: int = arg(4096, "output width of the instance projector")
     views: int = arg(4, "augmented views per clip (K)")
     crop_scale: list[float] = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
-    sim_weight: float = arg(5.0, "weight of the similarity (MSE) term")
-    vac_weight: float = arg(1.0, "weight of the variance/covariance term")
-    xcorr_weight: float = arg(0.001, "weight of the cross-correlation term")
-    domain_weight: float = arg(0.5, "weight of the temporal and spatial domains (tau, paper Eq. 7)")
-    std_weight: float = arg(5.0, "weight of the hinge on the std inside the variance term (mu, Eq. 12)")
-    offdiag_weight: float = arg(0.005, "weight of the off-diagonal cross-correlation entries")
+    w_sim: float = arg(5.0, "weight of the similarity (MSE) term")
+    w_vac: float = arg(1.0, "weight of the variance/covariance term")
+    w_xcorr: float = arg(0.001, "weight of the cross-correlation term")
+    w_domain: float = arg(0.5, "weight of the temporal and spatial domains (tau, paper Eq. 7)")
+    w_std: float = arg(5.0, "weight of the hinge on the std inside the variance term (mu, Eq. 12)")
+    w_offdiag: float = arg(0.005, "weight of the off-diagonal cross-correlation entries")
     epochs: int = arg(451, "training epochs")
     batch_size: int = arg(356, "global batch size (split evenly over torchrun processes)")
     lr: float = arg(5e-4, "Adam learning rate")
@@ -81,17 +74,20 @@ class Args:
     lr_steps: list[int] = arg([351], "epochs at which the learning rate is multiplied by 0.1")
     seed: int = arg(0, "random seed (weights, shuffling, augmentation)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = arg("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16",
-                     choices=["auto", "fp32", "bf16", "fp16"])
+    dtype: str = arg("fp16", "precision: fp16 = autocast + GradScaler on CUDA as the official run (fp32 "
+                     "on CPU); bf16 autocast is not yet compared with it", choices=["fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue from <out_dir>/last.pt")
+    overwrite: bool = arg(False, "start again in an --out_dir that holds a run (its files are removed)")
+    quick: bool = arg(False, "apply the QUICK config (automatic on synthetic* datasets)")
+    allow_data_mismatch: bool = arg(False, "accept data prepared unlike the official run (z-alignment)")
     num_workers: int = arg(0, "data-loading worker threads")
     log_every: int = arg(50, "log a line every this many steps")
     save_every: int = arg(50, "write <out_dir>/last.pt every this many epochs (and at the end)")
     data_on_device: bool = arg(False, "keep the whole training split on the device")
 
 
-# Small config for the CPU quick start on synthetic data (a few minutes on 2 cores); see README.
+# The small config of the CPU quick start (--quick; automatic on synthetic* datasets).
 QUICK = dict(hidden=64, proj_dim=256, proj_inst_dim=512, window=32, batch_size=64, epochs=3,
              lr=1e-3, log_every=6, save_every=1)
 
@@ -166,10 +162,7 @@ class DSTLayer(nn.Module):
         return z + self.drop(self.dsa_mlp(self.dsa_ln2(z)))
 
     def dsa(self, x):  # x (N, L, D)
-        # Both branches through the same block, as two calls like the official code: batching them
-        # (torch.cat, then chunk) made the paper-config step ~10% slower on one CPU thread (22.1 vs
-        # 20.1 s at batch 8, tests/bench.py's official_step setting; not timed on a GPU, where each
-        # call already holds the 356-clip batch). The code AVERAGES the branches where Eq. 3 sums.
+        # Both branches through the same block; the official code AVERAGES them where Eq. 3 sums.
         return 0.5 * (self._dsa_block(self.dense_shift(x)) + self._dsa_block(x))
 
     def forward(self, x):
@@ -275,9 +268,7 @@ class Model(nn.Module):
             proj.apply(_init_weights)
 
     def forward(self, x):
-        # One view at a time, as the official loop calls the model: the projectors' BatchNorm
-        # statistics are per view, and on one CPU thread at the paper config this measured ~5% faster
-        # than encoding the K*b stacked clips in one call (20.7 vs 21.9 s a step at batch 8).
+        # One view at a time, as the official loop calls the model: BatchNorm statistics are per view.
         z = {"t": [], "s": [], "i": []}
         for v in x.chunk(self.views):
             yt, ys = self.encoder.pooled(v)  # (b, D) each
@@ -327,50 +318,50 @@ def cross_correlation_term(z, offdiag_weight):
 
 def usdrl_loss(z, args):
     """z: {"t","s","i"} -> (K, B, D) fp32 projections of the GLOBAL batch. Returns (loss, terms).
-    Per term: instance + domain_weight * (temporal + spatial) (paper Eq. 7, tau = 0.5); then
-    loss = sim_weight * sim + vac_weight * vac + xcorr_weight * xcorr (code's 5 / 1 / 0.001)."""
+    Per term: instance + w_domain * (temporal + spatial) (paper Eq. 7, tau = 0.5); then
+    loss = w_sim * sim + w_vac * vac + w_xcorr * xcorr (the official 5 / 1 / 0.001)."""
     def combine(fn, *extra):
-        return fn(z["i"], *extra) + args.domain_weight * (fn(z["t"], *extra) + fn(z["s"], *extra))
+        return fn(z["i"], *extra) + args.w_domain * (fn(z["t"], *extra) + fn(z["s"], *extra))
     sim = combine(similarity_term)
-    vac = combine(variance_covariance_term, args.std_weight)
-    xc = combine(cross_correlation_term, args.offdiag_weight)
-    loss = args.sim_weight * sim + args.vac_weight * vac + args.xcorr_weight * xc
+    vac = combine(variance_covariance_term, args.w_std)
+    xc = combine(cross_correlation_term, args.w_offdiag)
+    loss = args.w_sim * sim + args.w_vac * vac + args.w_xcorr * xc
     return loss, {"sim": sim.detach(), "vac": vac.detach(), "xcorr": xc.detach()}
 
 
 # ----------------------------------------------------------------------------------------- views
-def make_views(x, num_frame, g, args, out=None):
-    """x (b, 3, T_raw, V, M) raw clips on the device -> (K*b, 3, window, V, M), view-major.
-    Each view independently: crop-resize (ratio in crop_scale, at least `window` frames) then joint
-    corruption or shear with p = 0.5 (methods.md 1.1/1.4), then the modality (bone/motion are
-    computed on the augmented `window`-frame view, as the official `modality_generation`).
-    `out`: the previous step's views, overwritten when the shape matches. The training loop passes
-    it because on CPU a fresh (K*b, ...) tensor is page-faulted in on every step (~39 MB at the
-    paper's 256 x 4 views: glibc serves blocks over 32 MiB by mmap, never from its free lists)."""
-    b, V, M = x.shape[0], x.shape[3], x.shape[4]
-    shape = (args.views * b, 3, args.window, V, M)
-    if out is None or out.shape != shape or out.dtype != x.dtype or out.device != x.device:
-        out = x.new_empty(shape)
-    # every view lands in its rows of `out` (no torch.cat copy); bone/motion then replace them
-    common.crop_corrupt_or_shear(x, num_frame, g, args.window, tuple(args.crop_scale),
-                                 args.window, out=out, views=args.views)
-    if args.modality != "joint":
-        out.copy_(common.to_modality(out, args.modality))
-    return out
+def make_views(x, num_frame, g, args):
+    """x (b, 3, T_raw, V, M) raw clips on the device -> (K*b, 3, window, V, M), view-major. Each view:
+    crop-resize, then joint corruption or shear with p 0.5 (official feeder/augmentations.py), then
+    the modality of the cropped view (official `modality_generation`)."""
+    views = common.crop_corrupt_or_shear(x, num_frame, g, args.window, tuple(args.crop_scale),
+                                         args.window, views=args.views)
+    return common.to_modality(views, args.modality)
 
 
-def forward_loss(net, views, args, device):
-    """Projections under autocast; the loss in fp32 on the projections of the GLOBAL batch (gathered
-    with gradient under torchrun, so every batch statistic matches one process)."""
-    with common.autocast(device, args.dtype):
+# ----------------------------------------------------------------------------------- optimization
+def make_optimizer(model, args):
+    """The official optimizer: Adam, weight decay as L2 on the gradient."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def train_step(model, net, opt, scaler, views, args):
+    """One optimizer step. Projections under autocast; the loss in fp32 on the projections of the
+    GLOBAL batch (gathered with gradient, so every batch statistic matches one process)."""
+    with common.autocast(views.device, args.dtype):
         z = net(views)  # {"t","s","i"} -> (K, b, D)
     z = {k: common.gather_with_grad(_fp32_or_wider(v).transpose(0, 1).contiguous()).transpose(0, 1)
          for k, v in z.items()}  # (K, B, D)
-    return usdrl_loss(z, args)
+    loss, terms = usdrl_loss(z, args)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return {"loss": loss.detach(), **terms}
 
 
 # ------------------------------------------------------------------------------------------ main
-def _check(args):
+def check_args(args):
     lo, hi = (args.crop_scale + [0, 0])[:2]
     if len(args.crop_scale) != 2 or not 0 < lo <= hi <= 1:
         raise common.UserError(f"--crop_scale {args.crop_scale}: expected two ratios 0 < lo <= hi <= 1")
@@ -390,24 +381,11 @@ def _check(args):
     if not 0 <= args.drop_path < 1 or args.lr <= 0 or args.weight_decay < 0:
         raise common.UserError(f"--drop_path {args.drop_path} must be in [0, 1), --lr {args.lr} > 0 "
                                f"and --weight_decay {args.weight_decay} >= 0")
-    args.split = common.canonical_split(args.dataset, args.split)  # xset -> xsetup (out folder)
-
-
-def _epoch_seed(args, epoch, rank):
-    # Augmentation and drop-path randomness is re-seeded from (seed, epoch, rank) at every epoch, so a
-    # resumed run replays exactly what an uninterrupted run draws, on every rank (the checkpoint's
-    # RNG state, rank 0's, is restored too but is not needed for that).
-    return (args.seed * 1_000_003 + epoch) * 1_009 + rank
-
-
-def make_optimizer(model, args):
-    """The official optimizer: Adam, weight decay as L2 on the gradient (tests/bench.py uses it)."""
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv, quick=QUICK)
-    _check(args)
+    check_args(args)
     d = common.setup_distributed(args.device)
     try:
         train(args, d)
@@ -417,93 +395,47 @@ def main(argv=None):
 
 def train(args, d):
     device = d.device
-    out_dir = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
-    log = common.RunLogger(out_dir, d.is_main)
-    if d.ddp and not d.is_main:
-        dist.barrier()  # rank 0 generates the synthetic data first if it is missing
-    split = common.load_split(args.data_dir, args.dataset, args.split, "train")
-    if d.ddp and d.is_main:
-        dist.barrier()
+    split = common.load_train_split(args, d, Z_ALIGN, METHOD)
     loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
                                 rank=d.rank, world_size=d.world_size, device=device,
                                 on_device=args.data_on_device, with_labels=False,
                                 num_workers=args.num_workers)
-
+    run = common.Run(args, METHOD, __file__, d, QUICK)  # after the inputs were checked
     common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
     model = Model(args).to(device)
     opt = make_optimizer(model, args)
     scaler = common.make_scaler(device, args.dtype)
     g = torch.Generator(device)
-    start_epoch, step = 0, 0
-    ckpt_path = out_dir / "last.pt"
+    start_epoch, step, metrics = 0, 0, {}
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, METHOD)
-        common.load_state(model, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        common.load_scaler(scaler, ck["scaler"])
-        start_epoch, step = ck["epoch"], ck["step"]
-        common.set_rng_state(ck["rng"])
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
+        ck = run.resume(model, opt, scaler, g)
+        start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
     common.broadcast_module(model)
-    net = model
-    if d.ddp:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    if d.is_main:
-        common.save_json(common.args_to_dict(args), out_dir / "args.json")
-        log.info(f"usdrl: {common.count_params(model):,} parameters (encoder "
-                 f"{common.count_params(model.encoder):,}), {len(split)} clips, {len(loader)} "
-                 f"steps/epoch, {d.world_size} process(es) on {device}")
+    net = common.wrap(model, d, args.compile)
+    run.info(f"{METHOD}: {common.count_params(model):,} parameters (encoder "
+             f"{common.count_params(model.encoder):,}), {len(split)} clips, {len(loader)} "
+             f"steps/epoch, {d.world_size} process(es) on {device}")
 
-    steps_left = (args.epochs - start_epoch) * len(loader)
-    t_start, done = time.time(), 0
-    t_log, step_log, views = t_start, step, None
-    bar = tqdm(range(start_epoch, args.epochs), initial=start_epoch, total=args.epochs,
-               desc="usdrl", disable=not d.is_main)
-    for epoch in bar:
+    run.start(args.epochs * len(loader), step)
+    for epoch in range(start_epoch, args.epochs):
         lr = common.step_lr(args.lr, epoch, args.lr_steps)
         common.set_lr(opt, lr)
         loader.set_epoch(epoch)
-        g.manual_seed(_epoch_seed(args, epoch, d.rank))
-        torch.manual_seed(_epoch_seed(args, epoch, d.rank))  # drop path
+        g.manual_seed(common.epoch_seed(args.seed, epoch, d.rank))  # augmentation
+        torch.manual_seed(common.epoch_seed(args.seed, epoch, d.rank))  # drop path
         net.train()
-        sums, n = torch.zeros(4, device=device), 0
+        sums, n = {}, 0
         for x, num_frame, _ in loader:
-            views = make_views(x, num_frame, g, args, out=views)  # reuses last step's buffer
-            loss, terms = forward_loss(net, views, args, device)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step, n, done = step + 1, n + 1, done + 1
-            sums += torch.stack([loss.detach(), terms["sim"], terms["vac"], terms["xcorr"]])
-            if step % args.log_every == 0:
-                if not torch.isfinite(loss):
-                    raise common.UserError(f"loss is {loss.item()} at step {step}: lower --lr or "
-                                           f"use --dtype fp32")
-                now = time.time()
-                rate = args.batch_size * (step - step_log) / max(now - t_log, 1e-9)
-                eta = (now - t_start) / done * (steps_left - done)
-                log.log(step, round(epoch + n / len(loader), 3), loss=loss.item(),
-                        sim=terms["sim"].item(), vac=terms["vac"].item(),
-                        xcorr=terms["xcorr"].item(), lr=lr, samples_per_s=round(rate, 1),
-                        eta=common.format_eta(eta))
-                t_log, step_log = now, step
-        avg = (sums / max(n, 1)).tolist()
-        metrics = {"loss": avg[0], "sim": avg[1], "vac": avg[2], "xcorr": avg[3], "lr": lr}
-        log.log(step, epoch + 1, **{f"epoch_{k}": v for k, v in metrics.items()})
-        bar.set_postfix(loss=f"{avg[0]:.4g}")
-        if d.is_main and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            common.save_checkpoint({
-                "method": METHOD, "args": common.args_to_dict(args),
-                "encoder": model.encoder.state_dict(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "step": step, "rng": common.rng_state(), "dataset": args.dataset,
-                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}, ckpt_path)
-    bar.close()
-    log.info(f"done: {ckpt_path}")
+            with torch.no_grad():
+                views = make_views(x, num_frame, g, args)
+            terms = train_step(model, net, opt, scaler, views, args)
+            step, n = step + 1, n + 1
+            sums = {k: sums.get(k, 0) + v for k, v in terms.items()}
+            run.step(step, epoch + n / len(loader), terms, lr)
+        metrics = run.end_epoch(step, epoch, sums, n, lr)
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            run.save(model, opt, scaler, epoch + 1, step, metrics, (g,))
+    run.done()
 
 
 if __name__ == "__main__":
