@@ -3,7 +3,7 @@
 What lives here (and nothing a fork of one method would want to change):
   * the NTU RGB+D 25-joint topology: names, bones, body parts, flip order, graph adjacency and the
     normalised subsets of the CTR-GCN and ST-GCN backbones;
-  * readers of the processed AGCN-style layout (SPEC section 3) with validation, and a batch loader
+  * readers of the processed AGCN-style layout with validation, and a batch loader
     that yields raw clips + num_frame (+ labels), seeded, rank-sharded, optionally GPU-resident;
   * batched, seeded augmentations on (N, C, T, V, M) tensors and the joint/bone/motion modalities;
   * a dataclass-to-argparse helper, seeding, distributed setup and gathers, atomic checkpoints,
