@@ -26,7 +26,6 @@ Deviations from the official code:
 """
 import copy
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -62,7 +61,7 @@ class Args:
     queue_size: int = arg(8192, "length K of each of the three queues (2048 for PKU-MMD I)")
     key_momentum: float = arg(0.999, "momentum of the key encoder (paper Eq. 1)")
     temperature: float = arg(0.2, "InfoNCE temperature")
-    crop_scale: list[float] = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
+    crop_scale: list[float] = arg([0.1, 1.0], "range of the temporal crop ratio (min: window frames)")
     aug_p: float = arg(0.5, "probability of each of rotate, flip, shear, structural and cube mask")
     rotate_deg: float = arg(30.0, "max rotation about the randomly chosen main axis (degrees)")
     shear_amp: float = arg(1.0, "shear off-diagonals drawn from U(-amp, amp)")
@@ -252,9 +251,7 @@ class Encoder(nn.Module):
 
         self.t_encoder, self.s_encoder = transformer(), transformer()
         self.out_dim = self.dense_dim = 2 * d
-        # here, not in Model: a random-init Encoder (evaluate.py's baseline) starts where
-        # pre-training starts
-        _xavier_2d(self)
+        _xavier_2d(self)  # here, not in Model: evaluate.py's random-init baseline starts as training
 
     def tokens(self, x):
         """(N, 3, T, V, M) -> refined temporal tokens (N, T, d) and spatial tokens (N, M*V, d)."""
@@ -360,9 +357,8 @@ def scd_loss(q, k, queues, tau):
 
 
 # ----------------------------------------------------------------------------------------- views
-def _flags(g, n, p, device):
-    """(n,) bool: augment this clip (official `random.random() < p`); None at p >= 1 (every clip)."""
-    return None if p >= 1 else torch.rand(n, generator=g, device=device) < p
+def _chosen(g, n, p, device):  # (n,) bool: augment this clip (official `random.random() < p`)
+    return torch.rand(n, generator=g, device=device) < p
 
 
 def _axis_rotation(axis, a):  # (N,) radians -> (N, 3, 3), the official Rotate's R_x, R_y, R_z
@@ -375,66 +371,45 @@ def _axis_rotation(axis, a):  # (N,) radians -> (N, 3, 3), the official Rotate's
 
 def rotate(x, g, max_deg, p):
     """Official feeder/augmentations.py Rotate: a main axis uniform in {x, y, z} turns U(0, max_deg)
-    degrees, the other two U(0, 1); p -> R_z R_y R_x p. x (N, 3, T, V, M) -> same.
-    Draws: randint(0, 3, (N,)), rand(N, 3) float64, then rand(N) if p < 1."""
-    if p <= 0:
-        return x
+    degrees, the other two U(0, 1); p -> R_z R_y R_x p. x (N, 3, T, V, M) -> same."""
     N, dev = x.shape[0], x.device
     main = torch.randint(0, 3, (N,), generator=g, device=dev)
     u = torch.rand(N, 3, generator=g, device=dev, dtype=torch.float64)
     rad = torch.deg2rad(torch.where(main[:, None] == torch.arange(3, device=dev), u * max_deg, u))
     R = _axis_rotation(2, rad[:, 2]) @ _axis_rotation(1, rad[:, 1]) @ _axis_rotation(0, rad[:, 0])
-    on = _flags(g, N, p, dev)
-    if on is not None:
-        R = torch.where(on[:, None, None], R, torch.eye(3, dtype=R.dtype, device=dev))
+    R = torch.where(_chosen(g, N, p, dev)[:, None, None], R, torch.eye(3, dtype=R.dtype, device=dev))
     return torch.bmm(R.to(x.dtype), x.flatten(2)).view(x.shape)
 
 
 def flip(x, g, p):
     """Official Flip: joints re-indexed by common.FLIP_ORDER, a left/right label swap that negates
-    no coordinate. x (N, C, T, V, M) -> same.  Draws: rand(N) if p < 1."""
+    no coordinate. x (N, C, T, V, M) -> same."""
     flipped = x[:, :, :, torch.tensor(common.FLIP_ORDER, device=x.device)]
-    on = _flags(g, x.shape[0], p, x.device)
-    return flipped if on is None else torch.where(on.view(-1, 1, 1, 1, 1), flipped, x)
-
-
-@lru_cache(maxsize=None)
-def _two_hop(device):
-    """(V, V) D = A @ A with A = I + adjacency: the structural mask's joint scores (paper Sec. 3.4)."""
-    A = torch.eye(common.NUM_JOINTS, dtype=torch.float64) + torch.from_numpy(common.adjacency())
-    return (A @ A).float().to(device)
+    return torch.where(_chosen(g, x.shape[0], p, x.device).view(-1, 1, 1, 1, 1), flipped, x)
 
 
 def structural_mask(x, g, n_draw, k, p):
     """Official spatial_masking: n_draw joints drawn uniformly with replacement score every joint
-    by the sum of their rows of D (_two_hop); the k top-scoring joints are zeroed on every frame and
-    body. Equal (integer) scores are ordered at random by a U[0, 0.5) key (official: numpy argsort
-    order). x (N, C, T, V, M) -> same.  Draws: randint(0, V, (N, n_draw)), rand(N, V), then rand(N)
-    if p < 1."""
-    if p <= 0:
-        return x
+    by the sum of their rows of D = (I + adjacency)^2; the k top-scoring joints are zeroed on every
+    frame and body. Equal (integer) scores are ordered at random by a U[0, 0.5) key (official: numpy
+    argsort order). x (N, C, T, V, M) -> same."""
     N, V, dev = x.shape[0], x.shape[3], x.device
+    A = torch.eye(V, device=dev) + torch.from_numpy(common.adjacency()).to(dev)  # (V, V)
     draws = torch.randint(0, V, (N, n_draw), generator=g, device=dev)
-    key = _two_hop(dev)[draws].sum(1) + 0.5 * torch.rand(N, V, generator=g, device=dev)  # (N, V)
+    key = (A @ A)[draws].sum(1) + 0.5 * torch.rand(N, V, generator=g, device=dev)  # (N, V)
     hide = torch.zeros(N, V, dtype=torch.bool, device=dev).scatter_(1, key.topk(k, 1).indices, True)
-    on = _flags(g, N, p, dev)
-    if on is not None:
-        hide &= on[:, None]
+    hide &= _chosen(g, N, p, dev)[:, None]
     return x.masked_fill(hide[:, None, None, :, None], 0.0)
 
 
 def cube_mask(x, g, n_cubes, n_masked, p):
     """Official temporal_masking: the T frames form n_cubes cubes of T // n_cubes consecutive
     frames (T divisible by n_cubes); n_masked distinct random cubes are zeroed.
-    x (N, C, T, V, M) -> same.  Draws: rand(N, n_cubes), then rand(N) if p < 1."""
-    if p <= 0:
-        return x
+    x (N, C, T, V, M) -> same."""
     N, T, dev = x.shape[0], x.shape[2], x.device
     order = torch.rand(N, n_cubes, generator=g, device=dev).argsort(1)  # a random subset per clip
     hide = torch.zeros(N, n_cubes, dtype=torch.bool, device=dev).scatter_(1, order[:, :n_masked], True)
-    on = _flags(g, N, p, dev)
-    if on is not None:
-        hide &= on[:, None]
+    hide &= _chosen(g, N, p, dev)[:, None]
     frames = hide.repeat_interleave(T // n_cubes, 1)  # (N, T)
     return x.masked_fill(frames[:, None, :, None, None], 0.0)
 
@@ -501,12 +476,12 @@ def check_args(args):
     if args.batch_size > args.queue_size:
         raise common.UserError(f"--batch_size {args.batch_size} must not exceed --queue_size "
                                f"{args.queue_size}")
-    if not (0 <= args.dropout < 1 and 0 <= args.aug_p <= 1 and 0 <= args.key_momentum <= 1):
+    if not (0 <= args.dropout < 1 and 0 <= args.aug_p <= 1 and 0 <= args.key_momentum <= 1
+            and args.lr > 0 and args.weight_decay >= 0 and args.temperature > 0):
         raise common.UserError(f"--dropout {args.dropout} must be in [0, 1), --aug_p {args.aug_p} "
-                               f"and --key_momentum {args.key_momentum} in [0, 1]")
-    if args.lr <= 0 or args.weight_decay < 0 or args.temperature <= 0:
-        raise common.UserError(f"--lr {args.lr} and --temperature {args.temperature} must be > 0, "
-                               f"--weight_decay {args.weight_decay} >= 0")
+                               f"and --key_momentum {args.key_momentum} in [0, 1], --lr {args.lr} "
+                               f"and --temperature {args.temperature} > 0, --weight_decay "
+                               f"{args.weight_decay} >= 0")
 
 
 def main(argv=None):
@@ -538,7 +513,7 @@ def train(args, d):
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
     common.broadcast_module(model)
     net = common.wrap(model, d, args.compile)
-    run.info(f"{METHOD}: {common.count_params(model.query):,} parameters in the query branch (encoder "
+    run.info(f"{METHOD}: {common.count_params(model.query):,} query parameters (encoder "
              f"{common.count_params(model.encoder):,}), {len(split)} clips, {len(loader)} "
              f"steps/epoch, {d.world_size} process(es) on {device}")
 
