@@ -791,7 +791,8 @@ def _fmt_terms(vals: dict) -> str:
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """The seed of one epoch's random draws, a function of (seed, epoch, stream) only, so a run
     resumed at an epoch boundary draws what an uninterrupted one does. stream: the rank for
-    per-rank draws, -1 for draws that every rank shares."""
+    per-rank draws, -1 for draws that every rank shares. Values lie in [0, 2**62): adding 2**62
+    gives a second, disjoint stream (the scripts seed dropout with it)."""
     return ((seed * 1_000_003 + epoch) * 1_009 + stream + 1) % 2**62
 
 
