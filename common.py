@@ -3,7 +3,7 @@
 What lives here (and nothing a fork of one method would want to change):
   * the NTU RGB+D 25-joint topology: names, bones, body parts, flip order, graph adjacency and the
     normalised subsets of the CTR-GCN and ST-GCN backbones;
-  * readers of the processed AGCN-style layout (SPEC section 3) with validation, and a batch loader
+  * readers of the processed AGCN-style layout with validation, and a batch loader
     that yields raw clips + num_frame (+ labels), seeded, rank-sharded, optionally GPU-resident;
   * batched, seeded augmentations on (N, C, T, V, M) tensors and the joint/bone/motion modalities;
   * a dataclass-to-argparse helper, seeding, distributed setup and gathers, atomic checkpoints,
@@ -791,7 +791,8 @@ def _fmt_terms(vals: dict) -> str:
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """The seed of one epoch's random draws, a function of (seed, epoch, stream) only, so a run
     resumed at an epoch boundary draws what an uninterrupted one does. stream: the rank for
-    per-rank draws, -1 for draws that every rank shares."""
+    per-rank draws, -1 for draws that every rank shares. Values lie in [0, 2**62): adding 2**62
+    gives a second, disjoint stream (the scripts seed dropout with it)."""
     return ((seed * 1_000_003 + epoch) * 1_009 + stream + 1) % 2**62
 
 
@@ -1314,13 +1315,6 @@ def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
     return res.view(N, 3, T, V, M)
 
 
-def _zero_joints(x: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-    """Zero joints[n, v] = True on every coordinate, frame and body. x (N, C, T, V, M), joints (N, V)."""
-    N, C, T, V, M = x.shape
-    hide = joints.repeat_interleave(M, dim=1)[:, None, None, :]                  # (N, 1, 1, V*M)
-    return x.reshape(N, C, T, V * M).masked_fill(hide, 0.0).view(N, C, T, V, M)
-
-
 def _check_batch(x: torch.Tensor, name: str) -> None:
     if x.dim() != 5 or x.shape[1] != 3:
         raise ValueError(f"{name}: expected a (N, 3, T, V, M) batch, got shape {tuple(x.shape)}")
@@ -1458,45 +1452,11 @@ def shear(x: torch.Tensor, g: torch.Generator, amp: float = 1.0, p: float = 1.0)
     return _linear_map(x, S)
 
 
-def _axis_rotation(axis: int, a: torch.Tensor) -> torch.Tensor:
-    """(N,) radians -> (N, 3, 3) SCD-Net's matrices R_x = [[1,0,0],[0,c,s],[0,-s,c]],
-    R_y = [[c,0,-s],[0,1,0],[s,0,c]], R_z = [[c,s,0],[-s,c,0],[0,0,1]]."""
-    c, s = torch.cos(a), torch.sin(a)
-    one, zero = torch.ones_like(a), torch.zeros_like(a)
-    rows = {0: [[one, zero, zero], [zero, c, s], [zero, -s, c]],
-            1: [[c, zero, -s], [zero, one, zero], [s, zero, c]],
-            2: [[c, s, zero], [-s, c, zero], [zero, zero, one]]}[axis]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
-
-
-def rotate(x: torch.Tensor, g: torch.Generator, max_deg: float = 30.0, p: float = 1.0) -> torch.Tensor:
-    """SCD-Net's random rotation (methods.md 2.4): a main axis uniform in {x, y, z} gets an angle
-    U(0, max_deg) degrees, the other two U(0, 1) degree; rotations applied x, then y, then z, each
-    p -> R p (official: seq (T,V,M,C) @ R.T), i.e. p -> R_z R_y R_x p. Probability p per sample.
-
-    x (N, 3, T, V, M) -> same.  Draws: randint(0, 3, (N,)), rand(N, 3) float64, then rand(N) if p < 1."""
-    _check_batch(x, "rotate")
-    if p <= 0:
-        return x
-    N, dev = x.shape[0], x.device
-    main = torch.randint(0, 3, (N,), generator=g, device=dev)
-    u = torch.rand(N, 3, generator=g, device=dev, dtype=torch.float64)
-    is_main = main[:, None] == torch.arange(3, device=dev)
-    rad = torch.deg2rad(torch.where(is_main, u * max_deg, u))                   # (N, 3) per axis
-    R = _axis_rotation(2, rad[:, 2]) @ _axis_rotation(1, rad[:, 1]) @ _axis_rotation(0, rad[:, 0])
-    apply = _apply_mask(g, N, p, dev)
-    if apply is not None:
-        R = torch.where(apply[:, None, None], R, _eye(N, dev).double())
-    return _linear_map(x, R)
-
-
 @lru_cache(maxsize=None)
 def _index_tensor(name: str, device: torch.device) -> torch.Tensor:
-    """Cached int64 index tensors on a device: 'flip' (FLIP_ORDER), 'bone_parent' (per joint v1-1 the
-    joint v2-1 of BONE_PAIRS_1B), 'part_of_joint' (the BODY_PARTS entry holding each joint)."""
-    if name == "flip":
-        idx = list(FLIP_ORDER)
-    elif name == "bone_parent":
+    """Cached int64 index tensors on a device: 'bone_parent' (per joint v1-1 the joint v2-1 of
+    BONE_PAIRS_1B), 'part_of_joint' (the BODY_PARTS entry holding each joint)."""
+    if name == "bone_parent":
         idx = [0] * NUM_JOINTS
         for v1, v2 in BONE_PAIRS_1B:
             idx[v1 - 1] = v2 - 1
@@ -1506,16 +1466,6 @@ def _index_tensor(name: str, device: torch.device) -> torch.Tensor:
             for j in joints:
                 idx[j] = k
     return torch.tensor(idx, dtype=torch.long, device=device)
-
-
-def flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """SCD-Net's Flip: new[:, :, :, j] = old[:, :, :, FLIP_ORDER[j]] with probability p per sample.
-    A left/right joint re-indexing without coordinate negation, as the official code (methods.md 2.4).
-
-    x (N, C, T, V, M) -> same.  Draws: rand(N) if p < 1."""
-    flipped = x[:, :, :, _index_tensor("flip", x.device)]
-    apply = _apply_mask(g, x.shape[0], p, x.device)
-    return flipped if apply is None else torch.where(_per_sample(apply, x.dim()), flipped, x)
 
 
 def _corruption_params(g: torch.Generator, N: int, V: int, n_joints: int, device):
@@ -1627,62 +1577,6 @@ def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: floa
 # ----------------------------------------------------------------------------------------------
 # Masks (methods.md 2.4, 3A.3)
 # ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _two_hop(device: torch.device) -> torch.Tensor:
-    """(V, V) float32 D = A @ A with A = I + adjacency (SCD-Net's structural mask, n=2)."""
-    A = torch.eye(NUM_JOINTS, dtype=torch.float64) + torch.as_tensor(adjacency(), dtype=torch.float64)
-    return (A @ A).to(torch.float32).to(device)
-
-
-def structural_mask(x: torch.Tensor, g: torch.Generator, n_draw: int = 5, k: int = 8,
-                    p: float = 1.0) -> torch.Tensor:
-    """SCD-Net's structural spatial masking (methods.md 2.4): draw n_draw joints uniformly WITH
-    replacement, score each joint by the sum of their rows of D = (I + adj)^2 and zero the k
-    highest-scoring joints on every frame and body (always exactly k joints).
-
-    Ties: the official `np.argsort(score)[-k:]` is an unstable sort whose tie order depends on the
-    numpy build (classic introsort before numpy 1.25, x86-simd-sort after), and the k-th and
-    (k+1)-th scores tie in ~76% of draws. We break ties uniformly at random: scores are integers, so a
-    U[0, 0.5) key added to them reorders equal scores only. Measured over 40k draws, per-joint masking
-    frequencies are then within 0.056 of numpy 1.24's (within 0.060 of numpy 2.4's), where a fixed
-    "highest index wins" (stable) rule is off by up to 0.14.
-
-    x (N, C, T, V, M) -> same.  Draws: randint(0, V, (N, n_draw)), rand(N, V), then rand(N) if p < 1."""
-    if p <= 0:
-        return x
-    N, V, dev = x.shape[0], x.shape[3], x.device
-    draws = torch.randint(0, V, (N, n_draw), generator=g, device=dev)
-    score = _two_hop(dev)[draws].sum(dim=1)                                       # (N, V) integers
-    key = score + 0.5 * torch.rand(N, V, generator=g, device=dev)
-    top = key.topk(k, dim=1).indices                                              # (N, k)
-    masked = torch.zeros(N, V, dtype=torch.bool, device=dev).scatter_(1, top, True)
-    apply = _apply_mask(g, N, p, dev)
-    if apply is not None:
-        masked = masked & apply[:, None]
-    return _zero_joints(x, masked)
-
-
-def cube_mask(x: torch.Tensor, g: torch.Generator, n_cubes: int = 16, n_masked: int = 6,
-              p: float = 1.0) -> torch.Tensor:
-    """SCD-Net's cube temporal masking (methods.md 2.4): the T frames form n_cubes cubes of
-    T // n_cubes consecutive frames (frame = cube_len*cube + d); zero n_masked distinct random cubes
-    per sample (6 cubes of 4 frames at T=64), probability p per sample. Frames past
-    n_cubes*cube_len are never masked.
-
-    x (N, C, T, V, M) -> same.  Draws: rand(N, n_cubes), then rand(N) if p < 1."""
-    if p <= 0:
-        return x
-    N, T, dev = x.shape[0], x.shape[2], x.device
-    cube_len = T // n_cubes
-    cubes = _random_subset(g, N, n_cubes, n_masked, dev)                           # (N, n_cubes)
-    apply = _apply_mask(g, N, p, dev)
-    if apply is not None:
-        cubes = cubes & apply[:, None]
-    frames = cubes.repeat_interleave(cube_len, dim=1)                              # (N, n_cubes*cube_len)
-    frames = F.pad(frames, (0, T - frames.shape[1]), value=False)                  # (N, T)
-    return x.masked_fill(frames[:, None, :, None, None], 0.0)
-
-
 def body_part_mask(x_shape, g: torch.Generator, n_chunks: int = 8, n_parts: int = 3,
                    device=None) -> torch.Tensor:
     """PCM3's Jointmask3 (mask_ratio 0.6, methods.md 3A.3), drawn ONCE for the whole batch as the

@@ -124,7 +124,7 @@ def test_train_step_order_momentum_loss_enqueue():
     """Official order: momentum update first (with the pre-step query), keys and loss against the
     queues as they were, SGD step, then the new keys enqueued."""
     torch.manual_seed(0)
-    args = tiny_args(dropout=0.0, moco_m=0.9, queue_size=8)
+    args = tiny_args(dropout=0.0, key_momentum=0.9, queue_size=8)
     model = scd_net.Model(args)
     with torch.no_grad():
         for p in model.query.parameters():
@@ -138,7 +138,7 @@ def test_train_step_order_momentum_loss_enqueue():
     losses, (_, _, ki) = ref(xq, xk)
     opt = torch.optim.SGD(model.query.parameters(), lr=0.1)
     terms = scd_net.train_step(model, model, opt, common.make_scaler(torch.device("cpu"), "fp32"),
-                               xq, xk, args)
+                               (xq, xk), args)
     for k, q, new in zip(k0, q0, model.key.parameters()):
         torch.testing.assert_close(new, 0.9 * k + 0.1 * q, rtol=0, atol=1e-6)
     for name, v in losses.items():
@@ -150,7 +150,7 @@ def test_train_step_order_momentum_loss_enqueue():
 
 def test_momentum_update():
     torch.manual_seed(0)
-    model = scd_net.Model(tiny_args(moco_m=0.9))
+    model = scd_net.Model(tiny_args(key_momentum=0.9))
     for p in model.key.parameters():
         assert not p.requires_grad
     # key == query at init (copy), so perturb the query first
@@ -185,64 +185,169 @@ def test_queue_pointer_arithmetic():
     torch.testing.assert_close(model.queue_i[:, 4:8], batches[1].T + 2)
 
 
+# ----------------------------------------------------------------------------------------- views
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def basis_probe(N, seed=0):
+    """(N, 3, 1, 4, 2): joints 0..2 hold the unit vectors e0..e2, joint 3 random data."""
+    x = torch.zeros(N, 3, 1, 4, 2)
+    for j in range(3):
+        x[:, j, :, j] = 1.0
+    x[:, :, :, 3] = torch.randn(N, 3, 1, 2, generator=gen(seed))
+    return x
+
+
+def _rot(axis, a):
+    c, s = math.cos(a), math.sin(a)
+    return {0: np.array([[1, 0, 0], [0, c, s], [0, -s, c]]),
+            1: np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]]),
+            2: np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])}[axis]
+
+
+def test_rotate_follows_the_official_rule():
+    """Official feeder/augmentations.py Rotate: main axis U(0, 30) deg, the others U(0, 1) deg,
+    applied x, then y, then z."""
+    N = 3000
+    x = basis_probe(N)
+    out = scd_net.rotate(x, gen(10), 30.0, 1.0)
+    R = out[:, :, 0, :3, 0].double().numpy()                        # R[n, :, j] = R e_j
+    # R = R_z(c) R_y(b) R_x(a): R[2] = [sin b, -cos b sin a, cos b cos a]
+    b = np.arcsin(R[:, 2, 0])
+    a = np.arctan2(-R[:, 2, 1], R[:, 2, 2])
+    c = np.arctan2(-R[:, 1, 0], R[:, 0, 0])
+    for i in range(0, N, 97):
+        np.testing.assert_allclose(_rot(2, c[i]) @ _rot(1, b[i]) @ _rot(0, a[i]), R[i], atol=1e-5)
+    deg = np.degrees(np.stack([a, b, c], 1))                        # (N, 3)
+    assert deg.min() > -1e-3 and deg.max() < 30 + 1e-3
+    assert ((deg > 1 + 1e-3).sum(1) <= 1).all()                     # only the main axis exceeds 1 deg
+    assert np.abs(np.bincount(deg.argmax(1), minlength=3) / N - 1 / 3).max() < 0.04
+    assert abs(deg.max(1).mean() - 15.0) < 0.7
+    minor = np.sort(deg, 1)[:, :2]
+    assert abs(minor.mean() - 0.5) < 0.06 and minor.max() <= 1 + 1e-3
+    torch.testing.assert_close(out[:, :, 0, 3], torch.einsum("ncj,njm->ncm", out[:, :, 0, :3, 0],
+                                                             x[:, :, 0, 3]))
+
+
+def test_flip_reindexes_with_the_official_order():
+    assert common.FLIP_ORDER == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14,
+                                 15, 20, 23, 24, 21, 22]
+    N = 2000
+    x = torch.randn(N, 3, 2, 25, 2, generator=gen(11))
+    out = scd_net.flip(x, gen(12), 0.5)
+    flipped = (out == x[:, :, :, common.FLIP_ORDER]).flatten(1).all(1)
+    assert (flipped ^ (out == x).flatten(1).all(1)).all()          # each clip: all or nothing
+    assert abs(flipped.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(scd_net.flip(x, gen(12), 1.0), x[:, :, :, common.FLIP_ORDER])
+
+
+def _two_hop_np():
+    A = np.eye(25) + np.asarray(common.adjacency(), dtype=np.float64)
+    return A @ A
+
+
+def test_structural_mask_zeroes_the_top8_scores():
+    N = 2000
+    x = torch.ones(N, 3, 3, 25, 2)
+    g = gen(19)
+    draws = torch.randint(0, 25, (N, 5), generator=gen(19)).numpy()  # its first draw, replayed
+    out = scd_net.structural_mask(x, g, 5, 8, 1.0)
+    zero = out == 0
+    masked = zero.all(4).all(2).all(1)                               # (N, V)
+    assert torch.equal(zero.any(4).any(2).any(1), masked)            # whole joints only
+    assert (masked.sum(1) == 8).all()
+    score = _two_hop_np()[draws].sum(1)                              # (N, V) per-clip scores
+    kth = np.sort(score, 1)[:, -8:-7]                                # the 8th largest
+    m = masked.numpy()
+    assert (m[score > kth]).all() and not (m[score < kth]).any()
+    # equal scores ordered uniformly at random: per-joint frequencies match a numpy reference
+    rng = np.random.default_rng(0)
+    ref = np.zeros(25)
+    for d in rng.integers(0, 25, (20000, 5)):
+        ref[np.lexsort((rng.random(25), _two_hop_np()[d].sum(0)))[-8:]] += 1
+    assert np.abs(m.mean(0) - ref / 20000).max() < 0.045
+
+
+def test_cube_mask_six_cubes_of_four_frames():
+    N = 1000
+    out = scd_net.cube_mask(torch.ones(N, 3, 64, 4, 2), gen(20), 16, 6, 1.0)
+    zero_t = (out == 0).all(4).all(3).all(1)                         # (N, T)
+    assert torch.equal((out == 0).any(4).any(3).any(1), zero_t)
+    cubes = zero_t.view(N, 16, 4)
+    assert torch.equal(cubes.all(2), cubes.any(2))                   # whole cubes
+    assert (cubes.all(2).sum(1) == 6).all() and (zero_t.sum(1) == 24).all()
+    assert (cubes.all(2).float().mean(0) - 6 / 16).abs().max() < 0.06
+
+
+AUGMENTATIONS = {"rotate": lambda x, g, p: scd_net.rotate(x, g, 30.0, p),
+                 "flip": scd_net.flip,
+                 "structural_mask": lambda x, g, p: scd_net.structural_mask(x, g, 5, 8, p),
+                 "cube_mask": lambda x, g, p: scd_net.cube_mask(x, g, 4, 2, p)}
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_probability_and_seeding(name):
+    fn = AUGMENTATIONS[name]
+    x = torch.rand(2000, 3, 4, 25, 2, generator=gen(9)) + 0.5
+    changed = (fn(x, gen(9), 0.3) != x).flatten(1).any(1).float().mean().item()
+    assert abs(changed - 0.3) < 0.05                                 # p applies per clip
+    assert torch.equal(fn(x, gen(9), 0.0), x)
+    a, b, c = (fn(x[:64], gen(s), 0.5) for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def _raw_clips(n=12, t=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     x = torch.rand(n, 3, t, 25, 2, generator=g) + 0.5  # no coordinate is zero before masking
     num_frame = torch.randint(20, t + 1, (n,), generator=g)
     return x, num_frame
 
 
-def test_view_pipeline_uses_common_augmentations():
-    args = tiny_args(aug_p=1.0)
+def _chain(x, nf, g, modality):
+    """make_views written out: two crops, the modality, then the spatial chain at p = 1."""
+    v = torch.cat([common.crop_resize(x, nf, g, 16, (0.1, 1.0), 16) for _ in range(2)])
+    v = common.to_modality(v, modality)
+    v = common.shear(scd_net.flip(scd_net.rotate(v, g, 30.0, 1.0), g, 1.0), g, 1.0, 1.0)
+    return scd_net.cube_mask(scd_net.structural_mask(v, g, 5, 8, 1.0), g, 4, 2, 1.0).chunk(2)
+
+
+def test_make_views_chain_and_masks():
     x, nf = _raw_clips()
-    v = scd_net.make_view(x, nf, torch.Generator().manual_seed(5), args)
-    assert v.shape == (12, 3, 16, 25, 2)
-    # the same chain written out with the common functions and the same generator stream
-    g = torch.Generator().manual_seed(5)
-    e = common.crop_resize(x, nf, g, out_len=16, scale=(0.1, 1.0), min_len=16)
-    e = common.rotate(e, g, max_deg=30.0, p=1.0)
-    e = common.flip(e, g, p=1.0)
-    e = common.shear(e, g, amp=1.0, p=1.0)
-    e = common.structural_mask(e, g, n_draw=5, k=8, p=1.0)
-    e = common.cube_mask(e, g, n_cubes=4, n_masked=2, p=1.0)
-    assert torch.equal(v, e)
-    zero = v.abs().sum(1) == 0                            # (N, T, V, M)
-    joints = zero.all(dim=(1, 3))                         # joint zero on every frame and body
-    frames = zero.all(dim=(2, 3))                         # frame zero on every joint and body
-    assert (joints.sum(1) == 8).all()                     # structural mask: exactly 8 joints
-    assert (frames.sum(1) == 2 * 4).all()                 # cube mask: 2 cubes of 16/4 frames
-    cubes = frames.view(12, 4, 4)
-    assert (cubes.all(2) | ~cubes.any(2)).all()           # whole cubes only
-    # nothing else is zero
-    assert torch.equal(zero, joints[:, None, :, None].expand_as(zero)
-                       | frames[:, :, None, None].expand_as(zero))
-    # bone: converted right after the crop (official order), so the masks still zero whole
-    # joints and frames of the bone stream
-    vb = scd_net.make_view(x, nf, torch.Generator().manual_seed(5), tiny_args(aug_p=1.0,
-                                                                              modality="bone"))
-    g = torch.Generator().manual_seed(5)
-    e = common.to_modality(common.crop_resize(x, nf, g, out_len=16, scale=(0.1, 1.0), min_len=16),
-                           "bone")
-    e = common.shear(common.flip(common.rotate(e, g, max_deg=30.0, p=1.0), g, p=1.0), g, amp=1.0,
-                     p=1.0)
-    e = common.cube_mask(common.structural_mask(e, g, n_draw=5, k=8, p=1.0), g, n_cubes=4,
-                         n_masked=2, p=1.0)
-    assert torch.equal(vb, e) and ((vb.abs().sum(1) == 0).all(dim=(1, 3)).sum(1) >= 8).all()
+    xq, xk = scd_net.make_views(x, nf, gen(5), tiny_args(aug_p=1.0))
+    assert xq.shape == xk.shape == (12, 3, 16, 25, 2) and not torch.equal(xq, xk)
+    eq, ek = _chain(x, nf, gen(5), "joint")
+    assert torch.equal(xq, eq) and torch.equal(xk, ek)
+    for v in (xq, xk):
+        zero = v.abs().sum(1) == 0                        # (N, T, V, M)
+        joints = zero.all(dim=(1, 3))                     # joint zero on every frame and body
+        frames = zero.all(dim=(2, 3))                     # frame zero on every joint and body
+        assert (joints.sum(1) == 8).all()                 # structural mask: exactly 8 joints
+        assert (frames.sum(1) == 2 * 4).all()             # cube mask: 2 cubes of 16/4 frames
+        cubes = frames.view(12, 4, 4)
+        assert (cubes.all(2) | ~cubes.any(2)).all()       # whole cubes only
+        assert torch.equal(zero, joints[:, None, :, None].expand_as(zero)   # nothing else is zero
+                           | frames[:, :, None, None].expand_as(zero))
+    # bone right after the crop (official order): the masks still zero whole joints and frames
+    vb = scd_net.make_views(x, nf, gen(5), tiny_args(aug_p=1.0, modality="bone"))
+    eb = _chain(x, nf, gen(5), "bone")
+    assert all(torch.equal(a, b) for a, b in zip(vb, eb))
+    assert ((vb[0].abs().sum(1) == 0).all(dim=(1, 3)).sum(1) >= 8).all()
 
 
 def test_view_probabilities_and_modality():
     x, nf = _raw_clips(n=400, t=32, seed=1)
-    v = scd_net.make_view(x, nf, torch.Generator().manual_seed(0), tiny_args())
-    zero = v.abs().sum(1) == 0
-    masked_joints = zero.all(dim=(1, 3)).any(1).float().mean().item()
-    masked_frames = zero.all(dim=(2, 3)).any(1).float().mean().item()
-    assert abs(masked_joints - 0.5) < 0.1 and abs(masked_frames - 0.5) < 0.1
-    # without augmentation a bone view is the bone conversion of the crop
-    args = tiny_args(aug_p=0.0, modality="bone")
-    v = scd_net.make_view(x[:4], nf[:4], torch.Generator().manual_seed(3), args)
-    crop = common.crop_resize(x[:4], nf[:4], torch.Generator().manual_seed(3), out_len=16,
-                              min_len=16)
-    assert torch.equal(v, common.to_modality(crop, "bone"))
+    for v in scd_net.make_views(x, nf, gen(0), tiny_args()):
+        zero = v.abs().sum(1) == 0
+        masked_joints = zero.all(dim=(1, 3)).any(1).float().mean().item()
+        masked_frames = zero.all(dim=(2, 3)).any(1).float().mean().item()
+        assert abs(masked_joints - 0.5) < 0.1 and abs(masked_frames - 0.5) < 0.1
+    # without augmentation a bone view is the bone conversion of its crop
+    xq, xk = scd_net.make_views(x[:4], nf[:4], gen(3), tiny_args(aug_p=0.0, modality="bone"))
+    g = gen(3)
+    crops = [common.crop_resize(x[:4], nf[:4], g, out_len=16, min_len=16) for _ in range(2)]
+    assert torch.equal(xq, common.to_modality(crops[0], "bone"))
+    assert torch.equal(xk, common.to_modality(crops[1], "bone"))
 
 
 def test_cli_help_unknown_flag_and_bad_values(capsys):
@@ -255,8 +360,38 @@ def test_cli_help_unknown_flag_and_bad_values(capsys):
     with pytest.raises(SystemExit) as e:
         scd_net.main(["--no_such_flag", "1"])
     assert e.value.code == 2
-    with pytest.raises(common.UserError, match="--window"):
-        scd_net.main(["--window", "30", "--cubes", "16"])
+    for flags, match in ((["--window", "30", "--cubes", "16"], "--window 30 must be divisible"),
+                         (["--gcn_channels", "8", "6"], "--gcn_channels"),
+                         (["--bodies", "3"], "--bodies 3"),
+                         (["--key_momentum", "1.5"], "--key_momentum 1.5"),
+                         (["--batch_size", "64", "--queue_size", "32"], "--queue_size 32")):
+        with pytest.raises(common.UserError, match=match):
+            scd_net.main(flags)
+
+
+def test_module_contract_and_renamed_flags():
+    assert (scd_net.METHOD, scd_net.PROTOCOL, scd_net.Z_ALIGN) == ("scd_net", "scd_net", True)
+    a = scd_net.Args()
+    assert a.dtype == "fp32" and a.bodies == 2 and a.key_momentum == 0.999 and a.momentum == 0.9
+    # a version-1 checkpoint's args (num_person, moco_m) rebuild today's Args and Model
+    old = {**common.args_to_dict(scd_net.Args(**TINY)), "num_person": 1, "moco_m": 0.9}
+    del old["bodies"], old["key_momentum"]
+    args = scd_net.Args(**common.checkpoint_args({"method": "scd_net", "version": 1, "args": old}))
+    assert args.bodies == 1 and args.key_momentum == 0.9
+    assert scd_net.Model(args).m == 0.9
+
+
+def test_one_body_encoder_reads_the_first_body():
+    torch.manual_seed(0)
+    enc = scd_net.Encoder(tiny_args(bodies=1)).eval()
+    assert enc.gcn_t.data_bn.num_features == 75 and enc.channel_t[0].in_features == 25 * 8
+    x = torch.randn(2, 3, 16, 25, 2)
+    torch.testing.assert_close(enc(x), enc(x[..., :1]))
+    x2 = x.clone()
+    x2[..., 1] = 5.0  # the second body is never read
+    torch.testing.assert_close(enc(x), enc(x2))
+    zt, zs = enc.tokens(x)
+    assert zs.shape == (2, 25, 32)
 
 
 DDP_HELPER = textwrap.dedent("""
@@ -284,7 +419,7 @@ DDP_HELPER = textwrap.dedent("""
     for step in range(3):
         xq, xk = torch.randn(2, B, 3, 16, 25, 2, generator=gen)
         part = slice(d.rank * b, (d.rank + 1) * b)
-        terms = scd_net.train_step(model, net, opt, scaler, xq[part], xk[part], args)
+        terms = scd_net.train_step(model, net, opt, scaler, (xq[part], xk[part]), args)
         losses.append(common.all_reduce_mean(terms["loss"]).item())
         queues.append(torch.cat([model.queue_t, model.queue_s, model.queue_i]).clone())
     if d.is_main:
@@ -324,7 +459,7 @@ def test_ddp_two_processes_match_one(tmp_path, run_py, tiny_data):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 120 // 16 and math.isfinite(ck["metrics"]["loss"])
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "2 process(es)" in log and log.count("epoch 1 step 2 ") == 1  # rank 0 logs alone
+    assert "2 process(es)" in log and log.count(" step 2 ") == 1  # rank 0 logs alone
 
 
 def test_end_to_end_checkpoint_and_exact_resume(tmp_path, run_py, tiny_data, capsys):
@@ -347,12 +482,13 @@ def test_end_to_end_checkpoint_and_exact_resume(tmp_path, run_py, tiny_data, cap
     assert {"method", "args", "encoder", "model", "optimizer", "scaler", "epoch", "step", "rng",
             "dataset", "split", "metrics", "version"} <= set(a)
     assert a["method"] == "scd_net" and a["dataset"] == "synthetic" and a["split"] == "xsub"
+    assert a["script"] == "scd_net.py" and a["version"] == common.CKPT_VERSION == 2
     assert json.loads((full / "args.json").read_text())["window"] == 16
     rows = [json.loads(r) for r in (full / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "l_ti" in r]
-    assert steps and all(math.isfinite(r["loss"]) and {"l_si", "l_it", "l_is", "lr", "samples_s",
+    assert steps and all(math.isfinite(r["loss"]) and {"l_si", "l_it", "l_is", "lr", "samples_per_s",
                                                        "eta"} <= set(r) for r in steps)
-    assert "samples_s" in proc.stdout + proc.stderr
+    assert "samples_per_s" in proc.stdout + proc.stderr
     for k, v in a["encoder"].items():
         assert torch.equal(v, a["model"]["query.encoder." + k])
     # evaluate.py's path: Encoder(Args(**args)) + the encoder state, on the clips it will see
@@ -372,12 +508,16 @@ def test_end_to_end_checkpoint_and_exact_resume(tmp_path, run_py, tiny_data, cap
         assert not torch.equal(init[k], a["model"][k]), k
 
 
-def test_resume_without_checkpoint_is_a_user_error(tmp_path, tiny_data):
+def test_resume_without_checkpoint_and_reused_out_dir_are_user_errors(tmp_path, tiny_data):
     with pytest.raises(common.UserError, match="not found"):
         scd_net.main(["--dataset", "synthetic", "--data_dir", tiny_data, "--device", "cpu",
                       "--out_dir", str(tmp_path), "--resume", *TINY_CLI])
     # a diverging run stops with one error line (UserError), not a traceback
-    with pytest.raises(common.UserError, match=r"loss is (nan|inf) at step \d+: lower --lr"):
-        scd_net.main(["--dataset", "synthetic", "--data_dir", tiny_data, "--device", "cpu",
-                      "--out_dir", str(tmp_path / "nan"), *TINY_CLI, "--lr", "1e30",
-                      "--log_every", "1"])
+    nan = ["--dataset", "synthetic", "--data_dir", tiny_data, "--device", "cpu",
+           "--out_dir", str(tmp_path / "nan"), *TINY_CLI, "--lr", "1e30", "--log_every", "1"]
+    with pytest.raises(common.UserError, match=r"non-finite loss at step \d+ .*lower --lr"):
+        scd_net.main(nan)
+    # the folder of a run (here: its checkpoint) is refused without --resume / --overwrite
+    torch.save({}, tmp_path / "nan" / "last.pt")
+    with pytest.raises(common.UserError, match="holds a run"):
+        scd_net.main(nan)
