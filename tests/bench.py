@@ -1,28 +1,27 @@
 """Benchmarks of the four method scripts (a script, not a test module).
 
-    python tests/bench.py --quick                       # everything but official_step and learning
-    python tests/bench.py --only train --device cuda --resident 40091    # NTU-60-sized, on a GPU
+    python tests/bench.py --quick                       # all but official_step and learning
+    python tests/bench.py --only train --device cuda --paper_batch 0 --resident 40091   # a GPU
     python tests/bench.py --only learning --jobs 2      # bandai xstyle, 3 seeds per method (hours)
 
-usdrl_views    usdrl.make_views (batched on the device) against the official repos' per-sample numpy
-               pipeline written here (crop-resize, joint corruption or shear, collation): wall and CPU-time ratio.
+usdrl_views    usdrl.make_views (batched, on --device) against the official repos' per-sample numpy
+               pipeline written here (crop-resize, joint corruption or shear, collation).
 pcm3pp_gru     PCM3++ encoder forward + backward at the paper's width: nn.GRU over the whole sequence
-               against the official step-by-step loop, same weights; same_output checks values and grads.
+               against the official step-by-step loop, same weights (same_output: values and grads).
 train          one iteration of each script's training loop (views, forward, loss, backward, optimizer
-               step, momentum update, enqueue): samples/s, time to the end of the first step, peak memory.
-               CPU fp32; CUDA fp32, bf16 and bf16 + torch.compile. "quick" = the QUICK config on 150-frame
-               clips, "paper" = the defaults on 300-frame clips at --paper_batch. --resident N keeps N raw
-               clips on the device and draws each step's batch from them (40091 = NTU-60 xsub train).
-official_step  our step against a port of the official step written here (scd_net, pcm3pp, mcc);
-               same_loss checks that both compute the same loss from the same state.
+               step, momentum update, enqueue): samples/s, time to the end of the first step, peak
+               memory. CPU fp32; CUDA fp32, bf16, bf16 + compile. "quick" = QUICK on 150-frame clips,
+               "paper" = the defaults on 300-frame clips at --paper_batch; --resident N draws those
+               batches from N raw clips kept on the device (40091 = NTU-60 xsub train).
+official_step  our step against a port of the official step (scd_net, pcm3pp, mcc), same_loss check.
 linear_cache   evaluate.py's linear protocol with cached features against re-encoding every epoch.
-learning       per method and seed: pre-train with the script (--quick + LEARNING_BUDGET), then
-               evaluate.py --task linear knn on the trained checkpoint and on the encoder the run started
-               from; per method the paired difference and its standard error; the raw-input reference
-               (linear, 1-NN on flattened clips). One result file per run under --out: reruns resume.
+learning       per method and seed: pre-train with the script (--quick, LEARNING_BUDGET), evaluate.py
+               --task linear knn on the trained encoder and on the one the run started from; per method
+               the paired difference and its standard error; the raw-input reference (linear, 1-NN on
+               flattened clips). One result file per run under --out: a rerun resumes.
 
-Every measurement prints one JSON line; the last line is a summary. Timed implementations run
-interleaved after a warm-up; ratios are rounded down.
+One JSON line per measurement, a summary line last. Compared implementations run interleaved after
+a warm-up; ratios are wall (and CPU-time) ratios of medians, rounded down.
 """
 import argparse
 import copy
@@ -315,7 +314,7 @@ def build_state(name, a, dev):
 def reseed(s):
     s.g.manual_seed(s.args.seed)             # views
     s.g_shared.manual_seed(s.args.seed + 1)  # PCM3++'s per-batch draws
-    torch.manual_seed(s.args.seed)           # dropout / drop path
+    torch.manual_seed(s.args.seed + 2**62)   # dropout / drop path, apart from g (as the scripts)
 
 
 def device_batch(n, T, dev, seed=0):
@@ -574,7 +573,8 @@ def bench_linear_cache(opts):
                 usdrl.main(["--dataset", "synthetic", "--data_dir", str(tmp / "data"), "--out_dir",
                             str(tmp / "usdrl"), "--epochs", "1", "--hidden", "32", "--device", "cpu"])
         except Exception as e:
-            raise RuntimeError("pre-training the benchmark checkpoint failed:\n" + log.getvalue()[-2000:]) from e
+            raise RuntimeError("pre-training the benchmark checkpoint failed:\n"
+                               + log.getvalue()[-2000:]) from e
         ld = evaluate.load_ckpt(str(tmp / "usdrl" / "last.pt"))
         train = common.load_split(tmp / "data", "synthetic", "xsub", "train")
         test = common.load_split(tmp / "data", "synthetic", "xsub", "val")
@@ -621,7 +621,8 @@ def bench_linear_cache(opts):
     cached["same_accuracy"] = all(r[2][k] == ref[k] for r in res[True] + res[False] for k in keys)
     cached["speedup_cached_vs_reencode"] = ratio(reenc["median_s"], cached["median_s"], 1)
     if dev.type == "cpu":
-        cached["cpu_time_speedup_cached_vs_reencode"] = ratio(reenc["cpu_median_s"], cached["cpu_median_s"], 1)
+        cached["cpu_time_speedup_cached_vs_reencode"] = ratio(reenc["cpu_median_s"],
+                                                              cached["cpu_median_s"], 1)
     return [reenc, cached]
 
 
@@ -689,7 +690,8 @@ def write_init_checkpoint(name, argv, path):
     common.save_checkpoint({
         "method": mod.METHOD, "script": f"{name}.py", "args": common.args_to_dict(args),
         "encoder": model.encoder.state_dict(), "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "scaler": common.make_scaler(torch.device("cpu"), args.dtype).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": common.make_scaler(torch.device("cpu"), args.dtype).state_dict(),
         "epoch": 0, "step": 0, "rng": common.rng_state(), "dataset": args.dataset, "split": args.split,
         "metrics": {}, "version": common.CKPT_VERSION}, path)
 
@@ -731,7 +733,8 @@ def learning_run(name, seed, opts):
         raise common.UserError(f"{marker}: pre-trained with another command; use another --out or "
                                f"remove {run_dir}")
     if not marker.exists():
-        _subprocess([f"{name}.py", *argv, *(["--resume"] if ckpt.exists() else [])], run_dir / "pretrain.log")
+        resume = ["--resume"] if ckpt.exists() else []  # an interrupted pre-training continues
+        _subprocess([f"{name}.py", *argv, *resume], run_dir / "pretrain.log")
         common.atomic_write(marker, lambda f: f.write(command), mode="w")
     pretrain_s = time.perf_counter() - t0
     init = run_dir / "init.pt"
@@ -870,9 +873,11 @@ def summary(records, walls):
     for rec in records:
         if rec["what"] == "train":
             c = rec["config"]
-            label = f'{c["config"]} b{c["batch"]} {rec["device"]} {c["dtype"]}{"+compile" if c["compile"] else ""}'
-            out.setdefault("train_samples_per_s", {}).setdefault(c["method"], {})[label] = rec["samples_per_s"]
-            out.setdefault("train_first_step_s", {}).setdefault(c["method"], {})[label] = rec["first_step_s"]
+            label = (f'{c["config"]} b{c["batch"]} {rec["device"]} {c["dtype"]}'
+                     + ("+compile" if c["compile"] else ""))
+            for key, value in (("train_samples_per_s", "samples_per_s"),
+                               ("train_first_step_s", "first_step_s")):
+                out.setdefault(key, {}).setdefault(c["method"], {})[label] = rec[value]
         elif rec["what"] in ("learning_summary", "learning_raw_reference"):
             out.setdefault("learning", {})[rec.get("method", "raw_input")] = {
                 k: v for k, v in rec.items() if k in LEARNING_METRICS}
@@ -882,13 +887,15 @@ def summary(records, walls):
 
 def parse_opts(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats, smaller inputs, no paper-config steps")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats, smaller inputs, no paper-config steps")
     p.add_argument("--only", default="", help="comma-separated benchmarks: " + ", ".join(BENCHMARKS)
                    + " (default: all but learning; with --quick also without official_step)")
     p.add_argument("--device", default="cpu", help="device of the batched views, training steps and "
                    "linear protocol (learning runs on the CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (9; 2 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement (9; 2 with --quick)")
     p.add_argument("--paper_batch", type=int, default=None, help="batch of the paper-config steps "
                    "(8; 2 with --quick; 0 = the paper's; raised to a method's minimum)")
     p.add_argument("--resident", type=int, default=0, help="train, paper config: keep this many raw "
