@@ -51,16 +51,15 @@ class Args:
     out_dir: str = arg("", "output folder; empty: out/pcm3pp_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per view after the crop (official --stream)",
                         choices=["joint", "bone", "motion"])
-    prompt: bool = arg(True, "learnable input/feature prompts and distillation in the total (official "
-                       "PCM3_wprompt, joint); --no_prompt = PCM3_woprompt (bone/motion)")
+    prompt: bool = arg(True, "prompts + distillation in the loss (official PCM3_wprompt); --no_prompt: "
+                       "PCM3_woprompt (bone/motion)")
     window: int = arg(64, "frames per clip (T) the encoder takes, pre-training and downstream")
     joints: int = arg(25, "joints per body (V)")
     bodies: int = arg(2, "bodies per clip (M); the GRU input is V*C*M = 150 wide")
     hidden: int = arg(1024, "GRU hidden size per direction (the feature is 2*hidden)")
     layers: int = arg(3, "GRU layers")
     feat_dim: int = arg(128, "output width of the MLP projection head")
-    prompt_dim: int = arg(256, "feature-prompt width: its two halves are added at a random offset to "
-                          "the two hidden-size halves of the feature")
+    prompt_dim: int = arg(256, "feature-prompt width (two halves, one per hidden-size half of the feature)")
     dec_dim: int = arg(512, "width of the decoder's per-step MLP and GRU")
     dec_layers: int = arg(2, "decoder GRU layers")
     queue_size: int = arg(16384, "MoCo queue length K")
@@ -74,8 +73,7 @@ class Args:
     mask_chunks: int = arg(8, "temporal chunks of the body-part mask (3 of 5 parts masked per chunk)")
     clip_len: list[int] = arg([16, 32], "min and max frames of the clip window (inclusive)")
     crop_scale: list[float] = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
-    optimizer: str = arg("sgd", "sgd (the official run) or adam (the CPU quick start's)",
-                         choices=["sgd", "adam"])
+    optimizer: str = arg("sgd", "sgd (official) or adam (the CPU quick start's)", choices=["sgd", "adam"])
     momentum: float = arg(0.9, "SGD momentum (--optimizer sgd)")
     post_distill_epochs: int = arg(50, "post-distillation epochs after stage one (0: none, PCM3)")
     post_distill_from: str = arg("", "run only post-distillation from this finished stage-one "
@@ -180,8 +178,7 @@ class Encoder(nn.Module):
         self.out_dim = self.dense_dim = d
 
     @staticmethod
-    def flatten(x):
-        """(N, C, T, V, M) -> (N, T, V*C*M), feature index v*C*M + c*M + m (official permute)."""
+    def flatten(x):  # (N, C, T, V, M) -> (N, T, V*C*M), index v*C*M + c*M + m (official permute)
         n, c, t, v, m = x.shape
         return x.permute(0, 2, 3, 1, 4).reshape(n, t, v * c * m)
 
@@ -196,8 +193,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         return self.sequence(x)[:, -1]
 
-    def dense(self, x):
-        return self.sequence(x)
+    dense = sequence
 
     def project(self, feat, prompt=None, offset=None):
         """Official prompt hook: prompt (1, P) -> first half added to feat[..., s:s+P/2], second half to
@@ -371,13 +367,10 @@ def _part_of_joint(device):  # (V,) index of the BODY_PARTS entry that holds eac
 
 
 def body_part_mask(x_shape, g, n_chunks=8, n_parts=3, device=None):
-    """PCM3's mask (official utils.py Jointmask3, mask_ratio 0.6), drawn ONCE for the whole batch as
-    the official code does: the T frames form n_chunks chunks of T // n_chunks frames; in each chunk
-    n_parts of the 5 BODY_PARTS (without replacement) are masked on all their joints. Body 2 (M index
-    1) is never masked (official quirk); frames past n_chunks*chunk_len stay visible.
-
-    x_shape (N, C, T, V, M) -> float32 mask of that shape on `device` (default: g's device),
-    1 = visible, 0 = masked; a broadcast view (expand) of one (T, V, M) pattern: do not write into it.
+    """PCM3's mask (official utils.py Jointmask3, mask_ratio 0.6), ONE pattern for the batch as official:
+    in each of n_chunks chunks of T // n_chunks frames, n_parts of the 5 BODY_PARTS are masked. Body 2 is
+    never masked (official quirk); frames past the last chunk stay visible. x_shape (N, C, T, V, M) ->
+    float32 mask (1 = visible) on `device` (default g's), an expand of one (T, V, M) pattern.
     Draws: rand(n_chunks, 5)."""
     N, C, T, V, M = x_shape
     device = g.device if device is None else torch.device(device)
@@ -393,32 +386,22 @@ def body_part_mask(x_shape, g, n_chunks=8, n_parts=3, device=None):
 
 
 def mix_samples(x, g):
-    """PCM3's inter-sample mixing (official builder_mask_recons.py MoCo.ske_swap(x, 2, 3, 7, 11)),
-    every parameter drawn ONCE per batch as the official code does. Partner partner[i] = (i + n) mod N
-    with one n ~ randint[1, N-2] (N = 2 -> n = 1, N = 1 -> the sample itself; the official call fails
-    for N < 3). Region: Cs ~ randint[2, 3] of the 5 BODY_PARTS and Ct ~ randint[7, 11] units of 4 frames
-    starting at unit u ~ randint[0, T/4 - Ct], i.e. frames [4u, 4u + 4Ct) x those joints x both bodies.
-    With b ~ U(0, 1):
-      b > 0.5        copy the partner's region (CutMix-like swap);
-      0.25 < b <= .5 resize the partner's first min(8Ct, T) frames to 4Ct with F.interpolate's
-                     default NEAREST rule and paste them into the region;
-      b <= 0.25      Mixup x' = (1 - lam) x + lam x[partner], lam ~ U(0, 1).
-    lam = the fraction of swapped (T/4 x V) units for the swaps, the Mixup weight otherwise.
-    All three candidates are computed and one is selected on the device (no host sync).
-
-    x (N, C, T, V, M) -> (x_mix same shape, lam (N,) x.dtype (one value repeated), partner (N,) int64).
-    Draws: randint(1, N-1, (1,)) (N >= 3 only), randint(2, 4, (1,)), rand(1, 5) (parts),
-    randint(7, 12, (1,)), rand(1) float64 (start unit), rand(1) float64 (branch), rand(1) (Mixup lam)."""
+    """PCM3's mixing (official builder_mask_recons.py MoCo.ske_swap(x, 2, 3, 7, 11)), drawn ONCE per
+    batch as official. partner[i] = (i + n) mod N, n ~ randint[1, N-2] (N < 3: n = N - 1). Region:
+    Cs ~ randint[2, 3] BODY_PARTS x Ct ~ randint[7, 11] units of 4 frames from unit u ~ randint[0,
+    T/4 - Ct], both bodies. b ~ U(0, 1): b > .5 copies the partner's region; .25 < b <= .5 pastes the
+    partner's first min(8Ct, T) frames resized to 4Ct (F.interpolate's nearest); else Mixup with
+    lam ~ U(0, 1). lam = the swapped fraction of (T/4 x V) units for the swaps. No host sync.
+    x (N, C, T, V, M) -> (x_mix, lam (N,) one value repeated, partner (N,) int64). Draws: randint(1,
+    N-1) (N >= 3), randint(2, 4), rand(1, 5), randint(7, 12), rand(1) f64 (u), rand(1) f64 (b), rand(1)."""
     N, C, T, V, M = x.shape
     dev = x.device
     unit = 4
     n_units = T // unit
     if n_units < 11:
         raise ValueError(f"mix_samples: needs at least 44 frames (up to 11 units of 4), got T={T}")
-    if N >= 3:
-        shift = torch.randint(1, N - 1, (1,), generator=g, device=dev)
-    else:
-        shift = torch.full((1,), N - 1, dtype=torch.long, device=dev)
+    shift = (torch.randint(1, N - 1, (1,), generator=g, device=dev) if N >= 3
+             else torch.full((1,), N - 1, dtype=torch.long, device=dev))
     partner = (torch.arange(N, device=dev) + shift) % N  # (N,)
     # Spatial: Cs parts as random.sample(body_parts, Cs): the parts ranked first by a random order.
     n_parts = torch.randint(2, 4, (1,), generator=g, device=dev)
@@ -433,7 +416,6 @@ def mix_samples(x, g):
     unit_of_t = t // unit
     frame_mask = (unit_of_t >= u0) & (unit_of_t < u0 + n_t) & (t < n_units * unit)  # (T,)
     region = (frame_mask[:, None] & joint_mask[None, :])[None, None, :, :, None]  # (1, 1, T, V, 1)
-    # Branch and Mixup weight.
     b = torch.rand(1, generator=g, device=dev, dtype=torch.float64)
     lam_mix = torch.rand(1, generator=g, device=dev).to(x.dtype)
     other = x.index_select(0, partner)  # (N, C, T, V, M)
@@ -526,8 +508,7 @@ def check_args(args):
         raise common.UserError(f"--prompt_dim {args.prompt_dim}: must be even and in "
                                f"[2, 2 * --hidden) (two halves, one per GRU direction)")
     if args.queue_size < args.batch_size:
-        raise common.UserError(f"--queue_size {args.queue_size}: must be >= --batch_size "
-                               f"{args.batch_size}")
+        raise common.UserError(f"--queue_size {args.queue_size}: must be >= --batch_size {args.batch_size}")
     lo, hi = args.clip_len if len(args.clip_len) == 2 else (0, 0)
     if not 1 <= lo <= hi <= args.window:
         raise common.UserError(f"--clip_len {args.clip_len}: expected MIN MAX with 1 <= MIN <= MAX "
