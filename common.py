@@ -289,35 +289,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# oneDNN's fp32 linear (the CPU kernel behind inductor's linear), where this torch build has it. On the
-# 2-core dev CPU, one thread: a batch-8 product with a 1024 -> 3072 weight (a GRU's hidden product)
-# took 0.5-0.8 ms with the weight packed once by cpu_pack, against 1.5-1.8 ms for addmm on the plain
-# weight; (512 x 2048) @ (2048 x 3072)-sized GEMMs took 61-71 ms against 70-91 ms for mm / addmm.
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn(w: torch.Tensor) -> bool:
-    """Whether cpu_pack / cpu_linear take oneDNN's path for w (fp32 on the CPU; no float64 kernel)."""
-    return _ONEDNN and w.dtype == torch.float32 and w.device.type == "cpu"
-
-
-def cpu_pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """w (out, in) in oneDNN's blocked layout for inputs of `rows` rows, for a weight used many times
-    (w itself where oneDNN does not apply)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w, rows) if _onednn(w) else w
-
-
-def cpu_linear(x: torch.Tensor, w: torch.Tensor, b=None, add=None) -> torch.Tensor:
-    """x (R, in) @ w.T (+ b) (+ add) -> (R, out); w (out, in) plain (any strides) or from cpu_pack.
-    oneDNN for fp32 CPU tensors, matmul otherwise. No autograd formula: for hand-written backwards."""
-    if w.is_mkldnn or _onednn(w):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
-    y = x @ w.t() if b is None else torch.addmm(b, x, w.t())
-    return y if add is None else y + add
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP and/or torch.compile wrappers."""
     while True:
@@ -1577,26 +1548,6 @@ def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: floa
 # ----------------------------------------------------------------------------------------------
 # Masks (methods.md 2.4, 3A.3)
 # ----------------------------------------------------------------------------------------------
-def body_part_mask(x_shape, g: torch.Generator, n_chunks: int = 8, n_parts: int = 3,
-                   device=None) -> torch.Tensor:
-    """PCM3's Jointmask3 (mask_ratio 0.6, methods.md 3A.3), drawn ONCE for the whole batch as the
-    official code does: the T frames form n_chunks chunks of T // n_chunks frames; in each chunk
-    n_parts of the 5 BODY_PARTS (without replacement) are masked on all their joints. Body 2
-    (M index 1) is never masked (official quirk); frames past n_chunks*chunk_len stay visible.
-
-    x_shape (N, C, T, V, M) -> float32 mask of that shape on `device` (default: g's device),
-    1 = visible, 0 = masked; a broadcast view (expand) of one (T, V, M) pattern, so do not write into it.
-    Draws: rand(n_chunks, 5)."""
-    N, C, T, V, M = x_shape
-    device = g.device if device is None else torch.device(device)
-    chunk_len = T // n_chunks
-    parts = _random_subset(g, n_chunks, len(BODY_PARTS), n_parts, device)         # (n_chunks, 5)
-    joints = parts[:, _index_tensor("part_of_joint", device)]                     # (n_chunks, V)
-    frames = joints.repeat_interleave(chunk_len, dim=0)                            # (n_chunks*chunk_len, V)
-    frames = F.pad(frames, (0, 0, 0, T - frames.shape[0]), value=False)           # (T, V)
-    visible = torch.ones(T, V, M, device=device)
-    visible[:, :, 0] = (~frames).float()
-    return visible.view(1, 1, T, V, M).expand(N, C, T, V, M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1643,70 +1594,6 @@ def shuffle_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         redraw = torch.rand(N, T, generator=g, device=dev).argsort(dim=1)
         perm = torch.where(is_id[:, None], redraw, perm)
     return gather_frames(x, perm)
-
-
-# ----------------------------------------------------------------------------------------------
-# Inter-sample mixing (PCM3 ske_swap, methods.md 3A.4)
-# ----------------------------------------------------------------------------------------------
-def mix_samples(x: torch.Tensor, g: torch.Generator):
-    """PCM3's `ske_swap(x, spa 2..3, tem 7..11)`, every parameter drawn ONCE per batch as the official
-    code does. Partner partner[i] = (i + n) mod N with one n ~ randint[1, N-2] (N = 2 -> n = 1, N = 1 ->
-    the sample itself; the official call fails for N < 3). Region: Cs ~ randint[2, 3] of the 5
-    BODY_PARTS and Ct ~ randint[7, 11] units of 4 frames starting at unit u ~ randint[0, T/4 - Ct],
-    i.e. frames [4u, 4u + 4Ct) x those joints x both bodies. With b ~ U(0, 1):
-      b > 0.5        copy the partner's region (CutMix-like swap);
-      0.25 < b <= .5 resize the partner's first min(8Ct, T) frames to 4Ct with F.interpolate's
-                     default NEAREST rule and paste them into the region;
-      b <= 0.25      Mixup x' = (1 - lam) x + lam x[partner], lam ~ U(0, 1).
-    lam = the fraction of swapped (T/4 x V) units for the swaps, the Mixup weight otherwise.
-    All three candidates are computed and one is selected on the device (no host sync).
-
-    x (N, C, T, V, M) -> (x_mix same shape, lam (N,) x.dtype (one value repeated), partner (N,) int64).
-    Draws: randint(1, N-1, (1,)) (N >= 3 only), randint(2, 4, (1,)), rand(1, 5) (parts),
-    randint(7, 12, (1,)), rand(1) float64 (start unit), rand(1) float64 (branch), rand(1) (Mixup lam)."""
-    N, C, T, V, M = x.shape
-    dev = x.device
-    unit = 4
-    n_units = T // unit
-    if n_units < 11:
-        raise ValueError(f"mix_samples: needs at least 44 frames (up to 11 units of 4), got T={T}")
-    if N >= 3:
-        shift = torch.randint(1, N - 1, (1,), generator=g, device=dev)
-    else:
-        shift = torch.full((1,), N - 1, dtype=torch.long, device=dev)
-    partner = (torch.arange(N, device=dev) + shift) % N                           # (N,)
-    # Spatial: Cs parts as random.sample(body_parts, Cs): the parts ranked first by a random order.
-    n_parts = torch.randint(2, 4, (1,), generator=g, device=dev)
-    rank = torch.rand(1, len(BODY_PARTS), generator=g, device=dev).argsort(dim=1).argsort(dim=1)[0]
-    part_chosen = rank < n_parts                                                   # (5,)
-    joint_mask = part_chosen[_index_tensor("part_of_joint", dev)]                  # (V,)
-    # Temporal: Ct units from unit u, random.randint inclusive bounds.
-    n_t = torch.randint(7, 12, (1,), generator=g, device=dev)                      # Ct
-    room = n_units - n_t + 1
-    u0 = torch.minimum((torch.rand(1, generator=g, device=dev, dtype=torch.float64) * room).floor().long(),
-                       room - 1)
-    t = torch.arange(T, device=dev)
-    unit_of_t = t // unit
-    frame_mask = (unit_of_t >= u0) & (unit_of_t < u0 + n_t) & (t < n_units * unit)  # (T,)
-    region = (frame_mask[:, None] & joint_mask[None, :])[None, None, :, :, None]   # (1, 1, T, V, 1)
-    # Branch and Mixup weight.
-    b = torch.rand(1, generator=g, device=dev, dtype=torch.float64)
-    lam_mix = torch.rand(1, generator=g, device=dev).to(x.dtype)
-    other = x.index_select(0, partner)                                             # (N, C, T, V, M)
-    swapped = torch.where(region, other, x)
-    # Resized swap: region frame 4u + j (0 <= j < rt) takes partner frame floor(j * (Ls / rt)) with
-    # Ls = min(2 rt, T): PyTorch's nearest index (float32 scale, capped at Ls - 1).
-    rt = n_t * unit
-    src_len = torch.clamp(2 * rt, max=T)
-    j = (t - u0 * unit).clamp(min=0)
-    near = (j.float() * (src_len.float() / rt.float())).floor().long()
-    near = torch.minimum(near, src_len - 1)                                        # (T,)
-    resized = torch.where(region, other.index_select(2, near), x)
-    mixup = x * (1 - lam_mix) + other * lam_mix
-    lam_region = (n_t * joint_mask.sum()).to(x.dtype) / (n_units * V)          # mean of the unit mask
-    x_mix = torch.where(b > 0.5, swapped, torch.where(b > 0.25, resized, mixup))
-    lam = torch.where(b > 0.25, lam_region, lam_mix).to(x.dtype).expand(N)
-    return x_mix, lam, partner
 
 
 # ----------------------------------------------------------------------------------------------

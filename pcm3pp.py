@@ -1,275 +1,201 @@
-"""PCM3++: prompted contrast with masked motion modeling, clip contrast and post-distillation.
+"""PCM3++: prompted contrast with masked motion modeling, plus clip contrast and post-distillation.
 
-Papers: J. Zhang et al., "Prompted Contrast with Masked Motion Modeling: Towards Versatile 3D Action
-Representation Learning" (PCM3, ACM MM 2023) and the survey that extends it to PCM3++
-(seeds/survey_pcm3pp.txt). Official PCM3 code: https://github.com/JHang2020/PCM3 (facts we follow:
-specs/methods.md 3A); what PCM3++ adds (3B) is unreleased, our reading is SPEC section 5.
+Papers: J. Zhang et al., "Prompted Contrast with Masked Motion Modeling" (PCM3, ACM MM 2023) and
+"Self-Supervised Skeleton-Based Action Representation Learning: A Benchmark and Beyond" (PCM3++, 2024).
+Official PCM3 code: https://github.com/JHang2020/PCM3 (PCM3++'s additions are unreleased).
 
 What is trained: a MoCo v2 query/key pair of PCM3 "BIGRU" encoders (input BatchNorm, a 3-layer GRU whose
-two "directions" both run forward in time, last-step 2048-d feature, 128-d MLP head), a queue of 16384
-keys, InfoNCE (T 0.07) plus CMD-style distillation (teacher 0.05, student 0.1, whole queue) for each
-positive pair: query view, inter-sample mixed view (mixed key), body-part masked view, the view
-predicted by the masked-motion decoder (whose contrastive gradient reaches the decoder), and PCM3++'s
-temporal clip (the key view with frames outside a 16..32-frame window zeroed, through the query branch,
-positive = the full key); the decoder's masked reconstruction MSE (weight 40); learnable input and
-feature prompts (--prompt, the official joint variant; --no_prompt is the official bone/motion one).
-Then an optional post-distillation stage (PCM3++, Eq. 10): --post_distill_epochs more epochs at the
-final lr of stage one, every InfoNCE term dropped, distillation and reconstruction kept.
+two "directions" both run forward in time, last-step 2048-d feature, 128-d MLP head), a 16384-key queue,
+InfoNCE + CMD-style distillation for each positive pair (query, mixed, body-part masked, and the view
+predicted by the masked-motion decoder), the decoder's masked reconstruction MSE and learnable prompts.
+PCM3++ adds the temporal clip contrast (the key view outside a 16..32-frame window zeroed, through the
+query branch, --w_clip) and post-distillation (paper Eq. 10: InfoNCE dropped, --post_distill_epochs).
 
-Commands (--batch_size is the GLOBAL batch in every case):
-  1 GPU:      python pcm3pp.py --dataset ntu60 --split xsub --data_dir data
-  N GPUs:     torchrun --nproc_per_node 4 pcm3pp.py --dataset ntu60 --split xsub --data_dir data
-  CPU quick:  python pcm3pp.py --dataset synthetic   (QUICK config below, a few minutes on 2 cores)
-  resume:     add --resume (continues from <out_dir>/last.pt, stage one or post-distillation)
-  bone/motion stream: --modality bone --no_prompt (the official PCM3_woprompt variant)
-  post-distillation only, from a finished stage-one checkpoint (stage1.pt, which a run with
-  post-distillation keeps beside last.pt, or last.pt of a --post_distill_epochs 0 run):
-              python pcm3pp.py --post_distill_from out/a/stage1.pt --out_dir out/b
-              (with stage one's data / stream / model flags: a mismatch is an error)
+Commands (--batch_size is the GLOBAL batch):
+  1 GPU:     python pcm3pp.py --dataset ntu60 --split xsub --data_dir data
+  N GPUs:    torchrun --nproc_per_node 4 pcm3pp.py --dataset ntu60 --split xsub --data_dir data
+  CPU quick: python pcm3pp.py --dataset synthetic        (the QUICK config; --quick on any dataset)
+  evaluate:  python evaluate.py --ckpt out/pcm3pp_synthetic_xsub/last.pt --task linear knn
+  plain PCM3: --w_clip 0 --post_distill_epochs 0; bone/motion: --modality bone --no_prompt (PCM3_woprompt)
+  post-distillation of a finished stage one: --post_distill_from out/a/stage1.pt --out_dir out/b
+Data: z-aligned, as the official run (python data_prep.py ... default).
 
-Decisions (our reading where the survey is silent): the clip window is drawn per sample, the clip gets
-the base prompt and weight 1, its distillation target is k; post-distillation continues the queue, the
-key momentum and the optimizer state at the constant final lr, keeps all five distillation terms and
-the reconstruction; with --no_prompt no distillation term enters stage one (as PCM3_woprompt).
-Mixing acts on the modality-converted view. As in the official code, the input prompts (and
-mp_prompt) are constant per-channel offsets added before a batch-statistics BatchNorm, which
-subtracts them again: their gradients are ~0 (only cl_prompt, added after the GRU, learns); they only
-shift the BN running statistics. Under DDP every BatchNorm uses global-batch statistics (SyncBN, the
-official DDP path; it equals the official single-GPU run) instead of shuffle-BN.
-
-Official checkpoints: Encoder's state_dict keys are exactly the official `encoder_q.*` keys with the
-prefix removed: input_norm.{weight,bias,running_mean,running_var,num_batches_tracked},
-encoder.{weight_ih,weight_hh,bias_ih,bias_hh}_l{0,1,2}[_reverse] (one nn.GRU(150, 1024, 3,
-bidirectional=True)), fc.0.{weight,bias}, fc.2.{weight,bias}. In Model: encoder_q.*, encoder_k.*,
-queue, queue_ptr as the official MoCo builder; prompts base/mask/recons/mix/cl/mp_prompt, linear.*,
-decoder.* (GRU) and decoder_out.* (the names of these last three are our reading).
+Deviations from the official code:
+  - PCM3++ choices: clip window drawn per sample, base prompt, positive = the full key; post-distillation
+    continues the queue and optimizer at stage one's final lr and keeps the reconstruction;
+  - BatchNorm uses global-batch statistics under torchrun (the official DDP path's SyncBN);
+  - the GRUs run in fp32 under every --dtype (see ForwardBiGRU.forward);
+  - --optimizer adam exists for the CPU quick start (the official run is SGD).
 """
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
-from common import arg, cpu_linear, cpu_pack
+from common import arg
 
 METHOD = "pcm3pp"
+PROTOCOL = "pcm3pp"  # evaluate.py's protocol defaults (a fork keeps it)
+Z_ALIGN = True  # the official run reads z-aligned data
 
 
 @dataclass
 class Args:
-    dataset: str = arg("ntu60", "dataset name (ntu60, ntu120, pku1, pku2, synthetic, synthetic_ext)")
-    split: str = arg("xsub", "benchmark split (xsub, xview, xsetup)")
+    """PCM3++ pre-training. Defaults = the official PCM3 NTU-60 xsub joint run (+ PCM3++'s additions)."""
+    dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
+    split: str = arg("xsub", "benchmark split: xsub, xview (ntu60, pku2), xsetup (ntu120)")
     data_dir: str = arg("data", "root folder of the processed datasets")
-    out_dir: str = arg("", "output folder (default out/pcm3pp_<dataset>_<split>)")
+    out_dir: str = arg("", "output folder; empty: out/pcm3pp_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per view after the crop (official --stream)",
                         choices=["joint", "bone", "motion"])
-    prompt: bool = arg(True, "learnable input/feature prompts and distillation in the total (official "
-                       "PCM3_wprompt, joint); --no_prompt = PCM3_woprompt (bone/motion script)")
+    prompt: bool = arg(True, "prompts + distillation in the loss (official PCM3_wprompt); --no_prompt: "
+                       "PCM3_woprompt (bone/motion)")
     window: int = arg(64, "frames per clip (T) the encoder takes, pre-training and downstream")
     joints: int = arg(25, "joints per body (V)")
     bodies: int = arg(2, "bodies per clip (M); the GRU input is V*C*M = 150 wide")
     hidden: int = arg(1024, "GRU hidden size per direction (the feature is 2*hidden)")
     layers: int = arg(3, "GRU layers")
     feat_dim: int = arg(128, "output width of the MLP projection head")
-    prompt_dim: int = arg(256, "feature-prompt width: two halves added at a random offset to the two "
-                          "hidden-size halves of the feature")
+    prompt_dim: int = arg(256, "feature-prompt width (two halves, one per hidden-size half of the feature)")
     dec_dim: int = arg(512, "width of the decoder's per-step MLP and GRU")
     dec_layers: int = arg(2, "decoder GRU layers")
     queue_size: int = arg(16384, "MoCo queue length K")
-    momentum: float = arg(0.999, "MoCo key-encoder momentum")
+    key_momentum: float = arg(0.999, "momentum of the key encoder's moving average")
     temperature: float = arg(0.07, "InfoNCE temperature")
     teacher_temp: float = arg(0.05, "distillation temperature of the key (teacher) similarities")
     student_temp: float = arg(0.1, "distillation temperature of the query (student) similarities")
-    rec_weight: float = arg(40.0, "weight of the masked reconstruction MSE")
+    w_rec: float = arg(40.0, "weight of the masked reconstruction MSE")
+    w_clip: float = arg(1.0, "weight of PCM3++'s clip InfoNCE and distillation terms (0: no clip pass, "
+                        "PCM3's loss and BatchNorm statistics)")
     mask_chunks: int = arg(8, "temporal chunks of the body-part mask (3 of 5 parts masked per chunk)")
-    clip_len: list = arg([16, 32], "min and max frames of the PCM3++ temporal clip window (inclusive)")
-    crop_scale: list = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
+    clip_len: list[int] = arg([16, 32], "min and max frames of the clip window (inclusive)")
+    crop_scale: list[float] = arg([0.1, 1.0], "range of the temporal crop ratio (min crop = window frames)")
+    optimizer: str = arg("sgd", "sgd (official) or adam (the CPU quick start's)", choices=["sgd", "adam"])
+    momentum: float = arg(0.9, "SGD momentum (--optimizer sgd)")
+    post_distill_epochs: int = arg(50, "post-distillation epochs after stage one (0: none, PCM3)")
+    post_distill_from: str = arg("", "run only post-distillation from this finished stage-one "
+                                 "checkpoint (repeat its data and model flags)")
     epochs: int = arg(451, "stage-one epochs")
-    post_distill_epochs: int = arg(50, "post-distillation epochs after stage one (0 = none)")
-    post_distill_from: str = arg("", "run only post-distillation, starting from this stage-one "
-                                 "checkpoint (its weights, queue and schedule; repeat its data and "
-                                 "model flags)")
     batch_size: int = arg(128, "global batch size (split evenly over torchrun processes)")
-    optimizer: str = arg("sgd", "sgd (the official run) or adam (torch.optim.Adam, the quick start's: "
-                         "SGD needs thousands of steps here)", choices=["sgd", "adam"])
     lr: float = arg(0.02, "learning rate")
-    sgd_momentum: float = arg(0.9, "SGD momentum (--optimizer sgd)")
-    weight_decay: float = arg(1e-4, "L2 weight decay (SGD's, or Adam's added to the gradient)")
-    lr_steps: list = arg([351], "epochs at which the learning rate is multiplied by 0.1")
-    seed: int = arg(42, "random seed (weights, shuffling, augmentation)")
+    weight_decay: float = arg(1e-4, "L2 weight decay (SGD's, or added to Adam's gradient)")
+    lr_steps: list[int] = arg([351], "epochs at which the learning rate is multiplied by 0.1")
+    seed: int = arg(0, "random seed (weights, shuffling, augmentation)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = arg("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16",
-                     choices=["auto", "fp32", "bf16", "fp16"])
+    dtype: str = arg("fp32", "precision: fp32 as the official run; bf16 autocast (not yet compared "
+                     "with it) or fp16 autocast + GradScaler on CUDA; the GRUs stay fp32",
+                     choices=["fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue from <out_dir>/last.pt")
+    overwrite: bool = arg(False, "start again in an --out_dir that holds a run (its files are removed)")
+    quick: bool = arg(False, "apply the QUICK config (automatic on synthetic* datasets)")
+    allow_data_mismatch: bool = arg(False, "accept data prepared unlike the official run (z-alignment)")
     num_workers: int = arg(0, "data-loading worker threads")
     log_every: int = arg(50, "log a line every this many steps")
     save_every: int = arg(100, "write <out_dir>/last.pt every this many epochs (and at the end)")
     data_on_device: bool = arg(False, "keep the whole training split on the device")
 
 
-# Small config for the CPU quick start on synthetic data (a few minutes on 2 cores). The structure
-# (3 forward-in-time GRU layers, all views and losses, post-distillation) is the paper's; widths, queue
-# and epochs shrink, the key momentum drops to 0.99 (0.999 barely moves the key encoder in ~150
-# steps), and the optimizer is Adam at lr 3e-3 instead of SGD. With SGD (the earlier QUICK: lr 0.05,
-# 6 + 1 epochs) the quick start tied random init on linear and lost on kNN, seeds 0 / 1 / 2: 20.1 /
-# 17.5, 20.6 / 18.7, 19.8 / 17.4 vs 20.8 / 19.9, 20.5 / 19.0, 19.5 / 18.3 (linear / kNN k=1), and 4x
-# the epochs moved them by at most 3.3 points (README, "Longer pre-training"). This QUICK (8 + 1
-# epochs, 144 + 18 steps): 25.4 / 23.2, 23.3 / 20.5, 22.8 / 20.1, and 24.9 / 21.8 vs 22.2 / 20.8 on
-# the default seed 42 (seeds 3 / 4: 24.8 / 21.8 vs 21.2 / 19.2, 24.5 / 22.2 vs 20.3 / 19.3); linear at
-# the full 100-epoch protocol 26.6, 24.7, 23.9 vs 21.0, 21.0, 19.7. Re-run after the oneDNN GRU
-# kernel (float rounding only): 25.5 / 23.2, 23.3 / 20.3, 22.8 / 19.5, seed 42 24.7 / 22.0.
-# Measured on the way (Adam, 6 + 1 epochs): this Adam with lr 3e-3 24.0 / 21.5, 22.6 / 20.0, 22.2 /
-# 19.2 (seed 42: 24.0 / 20.4); without weight decay lr 1e-3 22.8 / 18.8, 23.0 / 18.8, 22.7 / 18.7,
-# lr 3e-3 25.7 / 23.3, 23.0 / 20.7, 22.1 / 18.9, lr 1e-2 (seed 2) 21.2 / 17.7. The defaults above
-# stay the paper's NTU-60 run.
+# The small config of the CPU quick start (--quick; automatic on synthetic* datasets).
 QUICK = dict(hidden=64, prompt_dim=32, dec_dim=64, queue_size=1024, batch_size=64, epochs=8,
-             post_distill_epochs=1, lr_steps=[7], optimizer="adam", lr=3e-3, momentum=0.99,
+             post_distill_epochs=1, lr_steps=[7], optimizer="adam", lr=3e-3, key_momentum=0.99,
              log_every=6, save_every=1)
 
 
 # ----------------------------------------------------------------------------------------- model
-class _ForwardGRU(torch.autograd.Function):
-    """One weight set of a BIGRU layer on CPU, forward in time from a zero state: (N, T, I) ->
-    (N, T, H). Autograd through aten::gru forms the W_hh gradient as one outer product per step (a
-    read + write of the whole matrix T times); here the backward keeps the gate gradients and forms
-    every weight gradient with one GEMM over all T*N rows. The two weight sets of a layer run one after
-    the other, not batched as one (2, N, H) recurrence: each 12 MB W_hh then stays in the 32 MB L3
-    across the steps (with addmm for both: the paper's encoder, forward + backward at batch 8, one
-    thread, 2.8-3.1 s vs 3.0-3.6 s batched), and each set's packed weight is used T times. Every
-    product goes through common.cpu_linear (oneDNN; W_hh packed once per call by cpu_pack): 2.0 s
-    instead of 2.8-3.1 s for that encoder (tests/bench.py pcm3pp_gru, README "Benchmarks")."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh):
-        n, t, _ = x.shape
-        hid = w_hh.shape[1]
-        gi = cpu_linear(x.reshape(n * t, -1), w_ih, b_ih).view(n, t, 3, hid).permute(1, 2, 0, 3)
-        hs = x.new_zeros(t + 1, n, hid)                                  # h_{-1} = 0, then h_0..h_T-1
-        gates = x.new_empty(t, 4, n, hid)                                # r, z, n, W_hn h + b_hn
-        # At small widths the loop costs its number of ops, not its arithmetic: every gate is written
-        # straight into its slot of `gates` / `hs` (out=), and the views are taken with one unbind each.
-        w_hh_p, h = cpu_pack(w_hh, n), hs.unbind(0)
-        for s in range(t):
-            (gi_r, gi_z, gi_n), (r, z, cand, ghn) = gi[s], gates[s]      # (N, H) each; gi (T, 3, N, H)
-            gh_r, gh_z, gh_n = cpu_linear(h[s], w_hh_p, b_hh).view(n, 3, hid).unbind(1)
-            torch.sigmoid(gi_r + gh_r, out=r)
-            torch.sigmoid(gi_z + gh_z, out=z)
-            ghn.copy_(gh_n)
-            torch.tanh(gi_n + r * ghn, out=cand)
-            torch.add(cand, z * (h[s] - cand), out=h[s + 1])             # (1 - z) n + z h
-        ctx.save_for_backward(x, w_ih, w_hh, hs, gates)
-        return hs[1:].transpose(0, 1)                                    # (N, T, H)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, dy):
-        x, w_ih, w_hh, hs, gates = ctx.saved_tensors
-        n, t, _ = x.shape
-        hid = w_hh.shape[1]
-        dy = dy.transpose(0, 1)                                          # (T, N, H)
-        # The loop writes the gate gradients in place (out=), dgi only its n gate: its r and z gates
-        # equal dgh's and are copied once after the loop. dgi is kept in x's (N, T) row order, so the
-        # weight GEMMs read it without another copy.
-        dgh = x.new_empty(t, n, 3, hid)                                  # grads of W_hh h + b_hh
-        dgi = x.new_empty(n, t, 3, hid)                                  # grads of W_ih x + b_ih
-        dh = x.new_zeros(n, hid)
-        h, dgi_n = hs.unbind(0), dgi[:, :, 2].unbind(1)
-        w_hh_p = cpu_pack(w_hh.t(), n)                                   # dh_{s-1} += dgh_s W_hh
-        for s in range(t - 1, -1, -1):
-            dh = dh + dy[s]
-            r, z, cand, ghn = gates[s]
-            dr, dz, dhn = dgh[s].unbind(1)
-            one_z = 1 - z
-            dn = torch.mul(dh * one_z, 1 - cand * cand, out=dgi_n[s])
-            torch.mul(dh * (h[s] - cand) * z, one_z, out=dz)
-            torch.mul(dn * ghn * r, 1 - r, out=dr)
-            torch.mul(dn, r, out=dhn)
-            dh = cpu_linear(dgh[s].view(n, 3 * hid), w_hh_p, add=dh * z)
-        dgi[:, :, :2] = dgh[:, :, :2].transpose(0, 1)
-        dgh, dgi = dgh.view(t * n, 3 * hid), dgi.view(n * t, 3 * hid)
-        xr, hr = x.reshape(n * t, -1), hs[:-1].view(t * n, hid)          # rows as dgi's / dgh's
-        return (cpu_linear(dgi, w_ih.t()).view_as(x), cpu_linear(dgi.t(), xr.t()),
-                cpu_linear(dgh.t(), hr.t()), dgi.sum(0), dgh.sum(0))
+def _fp32_or_wider(t):  # bf16/fp16 -> fp32; fp32/fp64 unchanged
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-@torch.compiler.disable  # the GRU stays on cuDNN / the CPU kernel above under torch.compile
-def forward_in_time_gru(gru: nn.GRU, x: torch.Tensor, native: bool | None = None) -> torch.Tensor:
-    """The official BIGRU recurrence, evaluated with whole-sequence calls.
-
-    The official code calls `gru` once per time step on a length-1 slice and carries the (2L, N, H)
-    state, so the "_reverse" weights of each layer also run FORWARD in time (methods.md 3A.2). Per layer
-    that is two unidirectional GRUs over the whole sequence from a zero state, outputs concatenated
-    (forward weights first) as the next layer's input. `native` (default: on CUDA) runs them as
-    torch.gru calls (cuDNN); otherwise _ForwardGRU.  x (N, T, I) -> (N, T, 2H), all steps."""
-    native = x.is_cuda if native is None else native
-    h0 = x.new_zeros(1, x.shape[0], gru.hidden_size)
-    for layer in range(gru.num_layers):
-        w = [getattr(gru, f"{name}_l{layer}{sfx}") for sfx in ("", "_reverse")
-             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        if native:
-            x = torch.cat([torch.gru(x, h0, w[:4], True, 1, 0.0, gru.training, False, True)[0],
-                           torch.gru(x, h0, w[4:], True, 1, 0.0, gru.training, False, True)[0]], 2)
-        else:
-            x = torch.cat([_ForwardGRU.apply(x, *w[:4]), _ForwardGRU.apply(x, *w[4:])], 2)
-    return x
+def _no_autocast(x):
+    # CUDA autocast runs every cuDNN RNN in fp16 whatever the autocast dtype, with no GradScaler
+    # outside --dtype fp16 (aten/src/ATen/cudnn/AutocastRNN.cpp, _cudnn_rnn_cast_reflatten): the
+    # GRUs run outside autocast, in fp32
+    return torch.autocast(x.device.type, enabled=False)
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Autocast outputs (bf16/fp16) to fp32 for the losses; fp32/fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _gru_keys_before_v2(module, state_dict, prefix, *_):
+    """Checkpoints before version 2 stored the GRU without `gru.` (encoder.weight_ih_l0 ...)."""
+    for k in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        state_dict[f"{prefix}gru.{k[len(prefix):]}"] = state_dict.pop(k)
+
+
+class ForwardBiGRU(nn.Module):
+    """The official BIGRU's recurrence (official moco/GRU.py EncoderRNN, same `gru` module and keys).
+
+    The official code calls its bidirectional `gru` once per time step on a length-1 slice, carrying
+    the (2L, N, H) state, so each layer's "_reverse" weights also run FORWARD in time. Per layer that
+    is two one-layer GRUs over the whole sequence from a zero state, outputs concatenated (forward
+    weights first) as the next layer's input: `runs` are those nn.GRUs, sharing `gru`'s parameters
+    (a tuple, so they add no state_dict keys). (N, T, I) -> (N, T, 2H), every step."""
+
+    def __init__(self, in_dim, hidden, layers):
+        super().__init__()
+        self.gru = nn.GRU(in_dim, hidden, layers, batch_first=True, bidirectional=True)
+        self.runs = tuple(self._one_layer(layer, sfx) for layer in range(layers)
+                          for sfx in ("", "_reverse"))
+        self.register_load_state_dict_pre_hook(_gru_keys_before_v2)
+
+    def _one_layer(self, layer, sfx):
+        width = self.gru.input_size if layer == 0 else 2 * self.gru.hidden_size
+        run = nn.GRU(width, self.gru.hidden_size, batch_first=True, device="meta")
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            setattr(run, f"{name}_l0", getattr(self.gru, f"{name}_l{layer}{sfx}"))
+        return run
+
+    def forward(self, x):
+        with _no_autocast(x):
+            x = _fp32_or_wider(x)
+            for fwd, rev in zip(self.runs[0::2], self.runs[1::2]):
+                x = torch.cat([fwd(x)[0], rev(x)[0]], 2)
+        return x
 
 
 class Encoder(nn.Module):
-    """PCM3's BIGRU: input BatchNorm1d(150) -> forward-in-time 3-layer GRU -> fc MLP head.
+    """PCM3's BIGRU: input BatchNorm1d(150) -> ForwardBiGRU -> fc MLP head.
 
     forward(x): (N, C, T, V, M) -> (N, 2H) last-step GRU output (the linear-eval / kNN feature);
-    dense(x): (N, T, 2H) all steps; project(feat) -> (N, feat_dim) head output (pre-normalisation)."""
+    dense(x): (N, T, 2H) all steps; project(feat) -> (N, feat_dim) head output (pre-normalisation).
+    state_dict keys = the official encoder_q.* keys without the prefix: input_norm.*,
+    encoder.gru.{weight_ih,weight_hh,bias_ih,bias_hh}_l{0,1,2}[_reverse], fc.0.*, fc.2.*."""
 
-    def __init__(self, args: Args):
+    def __init__(self, args):
         super().__init__()
         in_dim = 3 * args.joints * args.bodies
-        self.hidden = args.hidden
         # global-batch statistics under DDP (SyncBN, the official DDP path, on any backend)
         self.input_norm = common.GlobalBatchNorm1d(in_dim)
-        self.encoder = nn.GRU(in_dim, args.hidden, args.layers, batch_first=True, bidirectional=True)
-        for p in self.encoder.parameters():
-            if p.dim() == 2:  # official: xavier_uniform on every 2-D GRU weight, biases default
-                nn.init.xavier_uniform_(p)
+        self.encoder = ForwardBiGRU(in_dim, args.hidden, args.layers)
         d = 2 * args.hidden
-        # MoCo v2 --mlp head (PyTorch default init; it replaces the xavier-initialised fc).
         self.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, args.feat_dim))
+        # official weights_init_gru (moco/builder_mask_recons.py): xavier-uniform on the BIGRU's 2-D
+        # weights, the GRU's and its fc's, which MoCo's --mlp then wraps as fc.2; the rest PyTorch's
+        for p in [*self.encoder.parameters(), self.fc[2].weight]:
+            if p.dim() == 2:
+                nn.init.xavier_uniform_(p)
         self.out_dim = self.dense_dim = d
 
     @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        """(N, C, T, V, M) -> (N, T, V*C*M), feature index v*C*M + c*M + m (official permute)."""
+    def flatten(x):  # (N, C, T, V, M) -> (N, T, V*C*M), index v*C*M + c*M + m (official permute)
         n, c, t, v, m = x.shape
         return x.permute(0, 2, 3, 1, 4).reshape(n, t, v * c * m)
 
-    def sequence(self, x: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def sequence(self, x, prompt=None):
         """(N, C, T, V, M) (+ input prompt (1, 1, V*C*M)) -> (N, T, 2H) GRU outputs."""
         h = self.flatten(x)
         if prompt is not None:
             h = h + prompt
-        h = self.input_norm(h.transpose(1, 2)).transpose(1, 2)   # stats over N and T
-        return forward_in_time_gru(self.encoder, h)
+        h = self.input_norm(h.transpose(1, 2)).transpose(1, 2)  # statistics over N and T
+        return self.encoder(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.sequence(x)[:, -1]
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sequence(x)
+    dense = sequence
 
-    def project(self, feat: torch.Tensor, prompt: torch.Tensor | None = None,
-                offset: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, feat, prompt=None, offset=None):
         """Official prompt hook: prompt (1, P) -> first half added to feat[..., s:s+P/2], second half to
         feat[..., H+s:H+s+P/2] (s = offset, a 0-dim long tensor), then the fc head."""
         if prompt is not None:
@@ -277,7 +203,7 @@ class Encoder(nn.Module):
         return self.fc(feat)
 
 
-def feature_prompt(prompt: torch.Tensor, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+def feature_prompt(prompt, offset, feat):
     """(1, P) prompt placed in a (2H,) vector: halves at [s, s+P/2) and [H+s, H+s+P/2), s = offset
     (0-dim long tensor, no host sync and no recompilation per value); H = feat.shape[-1] / 2."""
     half, hid = prompt.shape[1] // 2, feat.shape[-1] // 2
@@ -286,18 +212,19 @@ def feature_prompt(prompt: torch.Tensor, offset: torch.Tensor, feat: torch.Tenso
     return feat.new_zeros(2 * hid).index_add(0, idx, prompt[0].to(feat.dtype))
 
 
-def _prompt(*shape: int) -> nn.Parameter:
+def _prompt(*shape):
     p = torch.empty(*shape)
     nn.init.xavier_uniform_(p)  # (1,1,150): bound sqrt(6/300); (1,256): bound sqrt(6/257), as official
     return nn.Parameter(p)
 
 
 class Model(nn.Module):
-    """The whole pre-training module: query/key encoders, queue, prompts, masked-motion decoder."""
+    """Query/key encoders, queue, prompts and the masked-motion decoder (official MoCo in
+    moco/builder_mask_recons.py). forward(views, post_distill) -> fp32 loss terms, "loss" first."""
 
     PROMPTS = ("base_prompt", "mask_prompt", "recons_prompt", "mix_prompt")
 
-    def __init__(self, args: Args):
+    def __init__(self, args):
         super().__init__()
         self.args = args
         in_dim = 3 * args.joints * args.bodies
@@ -312,79 +239,83 @@ class Model(nn.Module):
             self.mp_prompt = _prompt(1, args.prompt_dim)
         d = 2 * args.hidden
         self.linear = nn.Sequential(nn.Linear(d, args.dec_dim), common.GlobalBatchNorm1d(args.dec_dim),
-                                    nn.ReLU(),
-                                    nn.Linear(args.dec_dim, args.dec_dim))
+                                    nn.ReLU(), nn.Linear(args.dec_dim, args.dec_dim))
         self.decoder = nn.GRU(args.dec_dim, args.dec_dim, args.dec_layers, batch_first=True)
         self.decoder_out = nn.Linear(args.dec_dim, in_dim)
         self.register_buffer("queue", F.normalize(torch.randn(args.feat_dim, args.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self):
         return self.encoder_q
 
-    def p(self, name: str) -> torch.Tensor | None:
+    def p(self, name):
         return getattr(self, name) if self.args.prompt else None
 
-    def decode(self, seq: torch.Tensor, shape) -> torch.Tensor:
+    def decode(self, seq, shape):
         """(N, T, 2H) -> reconstruction (N, C, T, V, M): per-step MLP, GRU decoder, Linear to V*C*M."""
         n, t, d = seq.shape
-        h = self.linear(seq.reshape(n * t, d)).view(n, t, -1)        # BN statistics over N*T steps
-        out = self.decoder_out(self.decoder(h)[0])                  # (N, T, V*C*M)
+        h = self.linear(seq.reshape(n * t, d)).view(n, t, -1)  # BN statistics over N*T steps
+        with _no_autocast(h):
+            h = self.decoder(_fp32_or_wider(h))[0]
+        out = self.decoder_out(h)  # (N, T, V*C*M)
         _, c, _, v, m = shape
         return out.view(n, t, v, c, m).permute(0, 3, 1, 2, 4)
 
-    def embed(self, enc: Encoder, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return F.normalize(_fp32(enc.project(feat, self.p("cl_prompt"), offset)), dim=1)
+    def embed(self, enc, feat, offset):
+        return F.normalize(_fp32_or_wider(enc.project(feat, self.p("cl_prompt"), offset)), dim=1)
 
     @torch.no_grad()
     def momentum_update(self):
-        m = self.args.momentum
+        m = self.args.key_momentum
         keys = list(self.encoder_k.parameters())  # multi-tensor kernels: same arithmetic, 2 calls
         torch._foreach_mul_(keys, m)
         torch._foreach_add_(keys, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
 
-    def forward(self, b: dict, post_distill: bool = False) -> dict:
-        """b: the local batch of views (make_views + add_batch_params). Returns fp32 loss terms."""
+    def forward(self, b, post_distill=False):
+        """b: the local batch of views (make_views). Stage one, or post-distillation."""
         a, enc, off = self.args, self.encoder_q, b["offsets"]
         mask, v3 = b["mask"], b["v3"]
-        v3m = v3 * mask                                                     # (N, C, T, V, M)
+        v3m = v3 * mask  # (N, C, T, V, M)
         q = self.embed(enc, enc.sequence(b["v1"], self.p("base_prompt"))[:, -1], off[0])
-        seq = enc.sequence(v3m, self.p("mask_prompt"))                       # (N, T, 2H)
+        seq = enc.sequence(v3m, self.p("mask_prompt"))  # (N, T, 2H)
         if a.prompt:
-            seq_mp = seq + feature_prompt(self.mp_prompt, off[1], seq)      # mp_prompt at every step
-            recons = self.decode(seq_mp, v3.shape)                          # MSE path: encoder+decoder
-            recons_cl = self.decode(seq_mp.detach(), v3.shape)              # contrastive path: decoder
+            seq_mp = seq + feature_prompt(self.mp_prompt, off[1], seq)  # mp_prompt at every step
+            recons = self.decode(seq_mp, v3.shape)  # MSE path: encoder + decoder
+            recons_cl = self.decode(seq_mp.detach(), v3.shape)  # contrastive path: decoder only
             mask_q = self.embed(enc, seq[:, -1], off[2])
         else:  # PCM3_woprompt: one decoder pass, the predicted view is detached
             recons = self.decode(seq, v3.shape)
             recons_cl = recons.detach()
-            mask_q = F.normalize(_fp32(enc.project(seq[:, -1])), dim=1)
-        pred = recons_cl * (1 - mask) + v3m * mask                          # predicted view R
+            mask_q = F.normalize(_fp32_or_wider(enc.project(seq[:, -1])), dim=1)
+        pred = recons_cl * (1 - mask) + v3m * mask  # predicted view R
         recons_q = self.embed(enc, enc.sequence(pred, self.p("recons_prompt"))[:, -1], off[3])
         mix_q = self.embed(enc, enc.sequence(b["x_mix"], self.p("mix_prompt"))[:, -1], off[4])
-        clip_q = self.embed(enc, enc.sequence(b["clip"], self.p("base_prompt"))[:, -1], off[5])
+        queries = {"base": q, "mix": mix_q, "mask": mask_q, "recons": recons_q}
+        if a.w_clip:  # PCM3++'s clip: one more query-encoder pass
+            queries["clip"] = self.embed(enc, enc.sequence(b["clip"], self.p("base_prompt"))[:, -1],
+                                         off[5])
         with torch.no_grad():
             self.momentum_update()
             k = self.embed(self.encoder_k,
                            self.encoder_k.sequence(b["v2"], self.p("base_prompt"))[:, -1], off[6])
-            k_all = common.gather_nograd(k)                                  # (N_global, D)
+            k_all = common.gather_nograd(k)  # (N_global, D)
             lam = b["lam"].to(k.dtype)[:, None]
             k_mix = F.normalize((1 - lam) * k + lam * k_all[b["partner"]], dim=1)
-        with torch.autocast(v3.device.type, enabled=False):   # losses in fp32
-            terms = pcm3_losses({"base": (q, k), "mix": (mix_q, k_mix), "mask": (mask_q, k),
-                                 "recons": (recons_q, k), "clip": (clip_q, k)}, self.queue.clone(), a)
+        with torch.autocast(v3.device.type, enabled=False):  # losses in fp32
+            terms = pcm3_losses({n: (s, k_mix if n == "mix" else k) for n, s in queries.items()},
+                                self.queue.clone(), a)
             # Official: sum over masked coordinates / their count (body 1; target = the unmasked v3).
             # The mask is one pattern for the whole global batch: the local ratio is the global one.
-            terms["rec"] = ((_fp32(recons) - v3) ** 2 * (1 - mask)).sum() / (1 - mask).sum()
-            terms["loss"] = total_loss(terms, a, post_distill)
+            terms["rec"] = ((_fp32_or_wider(recons) - v3) ** 2 * (1 - mask)).sum() / (1 - mask).sum()
+            terms = {"loss": total_loss(terms, a, post_distill), **terms}
         self.enqueue(k_all)
         return terms
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor):
+    def enqueue(self, keys):
         k, ptr = self.queue.shape[1], self.queue_ptr
-        idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k   # wraps if K % B != 0
+        idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k  # wraps if K % B != 0
         self.queue[:, idx] = keys.T.to(self.queue.dtype)
         ptr.copy_((ptr + keys.shape[0]) % k)
 
@@ -393,42 +324,117 @@ class Model(nn.Module):
 PAIRS = ("base", "mix", "mask", "recons", "clip")
 
 
-def info_nce(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, temp: float) -> torch.Tensor:
+def info_nce(s, t, queue, temp):
     """MoCo InfoNCE: logits [s.t | s.queue] / temp, target index 0. s, t (N, D) unit; queue (D, K)."""
     logits = torch.cat([(s * t).sum(1, keepdim=True), s @ queue], dim=1) / temp
     return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long, device=s.device))
 
 
-def distill(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, t_temp: float,
-            s_temp: float) -> torch.Tensor:
+def distill(s, t, queue, t_temp, s_temp):
     """CMD-style: KL(softmax(t.queue / t_temp) || softmax(s.queue / s_temp)), batchmean, whole queue."""
     target = F.softmax(t @ queue / t_temp, dim=1)
     return F.kl_div(F.log_softmax(s @ queue / s_temp, dim=1), target, reduction="batchmean")
 
 
-def pcm3_losses(pairs: dict, queue: torch.Tensor, a: Args) -> dict:
+def pcm3_losses(pairs, queue, args):
+    """pairs: name -> (query s, key t), (N, D) each. Returns nce_<name> and kd_<name> per pair."""
     terms = {}
     for name, (s, t) in pairs.items():
-        terms[f"nce_{name}"] = info_nce(s, t, queue, a.temperature)
-        terms[f"kd_{name}"] = distill(s, t, queue, a.teacher_temp, a.student_temp)
+        terms[f"nce_{name}"] = info_nce(s, t, queue, args.temperature)
+        terms[f"kd_{name}"] = distill(s, t, queue, args.teacher_temp, args.student_temp)
     return terms
 
 
-def total_loss(terms: dict, a: Args, post_distill: bool) -> torch.Tensor:
-    """Stage one (PCM3 + clip, weight 1 each): base + mix + mask + recons + clip InfoNCE, + the five
-    distillation terms (only with prompts: PCM3_woprompt computes them but does not add them),
-    + rec_weight * MSE. Post-distillation (PCM3++ Eq. 10, our reading): every InfoNCE term dropped;
-    the five distillation terms and the reconstruction kept."""
-    kd = sum(terms[f"kd_{n}"] for n in PAIRS)
-    rec = a.rec_weight * terms["rec"]
+def total_loss(terms, args, post_distill):
+    """Stage one (official forward_pcm3_wprompt): every InfoNCE term + every distillation term (with
+    prompts only: PCM3_woprompt computes them, does not add them) + w_rec * MSE; the clip pair's
+    terms weighted by w_clip. Post-distillation (PCM3++ Eq. 10): the InfoNCE terms dropped."""
+    w = {n: args.w_clip if n == "clip" else 1.0 for n in PAIRS if f"nce_{n}" in terms}
+    kd = sum(w[n] * terms[f"kd_{n}"] for n in w)
+    rec = args.w_rec * terms["rec"]
     if post_distill:
         return kd + rec
-    nce = sum(terms[f"nce_{n}"] for n in PAIRS)
-    return nce + (kd if a.prompt else 0.0) + rec
+    nce = sum(w[n] * terms[f"nce_{n}"] for n in w)
+    return nce + (kd if args.prompt else 0.0) + rec
 
 
 # ----------------------------------------------------------------------------------------- views
-def clip_window(n: int, t: int, lo: int, hi: int, g: torch.Generator, device) -> torch.Tensor:
+def _part_of_joint(device):  # (V,) index of the BODY_PARTS entry that holds each joint
+    idx = torch.zeros(common.NUM_JOINTS, dtype=torch.long)
+    for k, joints in enumerate(common.BODY_PARTS.values()):
+        idx[joints] = k
+    return idx.to(device)
+
+
+def body_part_mask(x_shape, g, n_chunks=8, n_parts=3, device=None):
+    """PCM3's mask (official utils.py Jointmask3, mask_ratio 0.6), ONE pattern for the batch as official:
+    in each of n_chunks chunks of T // n_chunks frames, n_parts of the 5 BODY_PARTS are masked. Body 2 is
+    never masked (official quirk); frames past the last chunk stay visible. x_shape (N, C, T, V, M) ->
+    float32 mask (1 = visible) on `device` (default g's), an expand of one (T, V, M) pattern.
+    Draws: rand(n_chunks, 5)."""
+    N, C, T, V, M = x_shape
+    device = g.device if device is None else torch.device(device)
+    order = torch.rand(n_chunks, len(common.BODY_PARTS), generator=g, device=device).argsort(dim=1)
+    parts = torch.zeros(n_chunks, len(common.BODY_PARTS), dtype=torch.bool, device=device)
+    parts.scatter_(1, order[:, :n_parts], True)  # (n_chunks, 5), n_parts True per row
+    joints = parts[:, _part_of_joint(device)]  # (n_chunks, V)
+    frames = joints.repeat_interleave(T // n_chunks, dim=0)  # (n_chunks*chunk_len, V)
+    frames = F.pad(frames, (0, 0, 0, T - frames.shape[0]), value=False)  # (T, V)
+    visible = torch.ones(T, V, M, device=device)
+    visible[:, :, 0] = (~frames).float()
+    return visible.view(1, 1, T, V, M).expand(N, C, T, V, M)
+
+
+def mix_samples(x, g):
+    """PCM3's mixing (official builder_mask_recons.py MoCo.ske_swap(x, 2, 3, 7, 11)), drawn ONCE per
+    batch as official. partner[i] = (i + n) mod N, n ~ randint[1, N-2] (N < 3: n = N - 1). Region:
+    Cs ~ randint[2, 3] BODY_PARTS x Ct ~ randint[7, 11] units of 4 frames from unit u ~ randint[0,
+    T/4 - Ct], both bodies. b ~ U(0, 1): b > .5 copies the partner's region; .25 < b <= .5 pastes the
+    partner's first min(8Ct, T) frames resized to 4Ct (F.interpolate's nearest); else Mixup with
+    lam ~ U(0, 1). lam = the swapped fraction of (T/4 x V) units for the swaps. No host sync.
+    x (N, C, T, V, M) -> (x_mix, lam (N,) one value repeated, partner (N,) int64). Draws: randint(1,
+    N-1) (N >= 3), randint(2, 4), rand(1, 5), randint(7, 12), rand(1) f64 (u), rand(1) f64 (b), rand(1)."""
+    N, C, T, V, M = x.shape
+    dev = x.device
+    unit = 4
+    n_units = T // unit
+    if n_units < 11:
+        raise ValueError(f"mix_samples: needs at least 44 frames (up to 11 units of 4), got T={T}")
+    shift = (torch.randint(1, N - 1, (1,), generator=g, device=dev) if N >= 3
+             else torch.full((1,), N - 1, dtype=torch.long, device=dev))
+    partner = (torch.arange(N, device=dev) + shift) % N  # (N,)
+    # Spatial: Cs parts as random.sample(body_parts, Cs): the parts ranked first by a random order.
+    n_parts = torch.randint(2, 4, (1,), generator=g, device=dev)
+    rank = torch.rand(1, len(common.BODY_PARTS), generator=g, device=dev).argsort(dim=1).argsort(dim=1)[0]
+    joint_mask = (rank < n_parts)[_part_of_joint(dev)]  # (V,)
+    # Temporal: Ct units from unit u, random.randint inclusive bounds.
+    n_t = torch.randint(7, 12, (1,), generator=g, device=dev)  # Ct
+    room = n_units - n_t + 1
+    u0 = torch.minimum((torch.rand(1, generator=g, device=dev, dtype=torch.float64) * room).floor().long(),
+                       room - 1)
+    t = torch.arange(T, device=dev)
+    unit_of_t = t // unit
+    frame_mask = (unit_of_t >= u0) & (unit_of_t < u0 + n_t) & (t < n_units * unit)  # (T,)
+    region = (frame_mask[:, None] & joint_mask[None, :])[None, None, :, :, None]  # (1, 1, T, V, 1)
+    b = torch.rand(1, generator=g, device=dev, dtype=torch.float64)
+    lam_mix = torch.rand(1, generator=g, device=dev).to(x.dtype)
+    other = x.index_select(0, partner)  # (N, C, T, V, M)
+    swapped = torch.where(region, other, x)
+    # Resized swap: region frame 4u + j (0 <= j < rt) takes partner frame floor(j * (Ls / rt)) with
+    # Ls = min(2 rt, T): PyTorch's nearest index (float32 scale, capped at Ls - 1).
+    rt = n_t * unit
+    src_len = torch.clamp(2 * rt, max=T)
+    j = (t - u0 * unit).clamp(min=0)
+    near = torch.minimum((j.float() * (src_len.float() / rt.float())).floor().long(), src_len - 1)
+    resized = torch.where(region, other.index_select(2, near), x)
+    mixup = x * (1 - lam_mix) + other * lam_mix
+    lam_region = (n_t * joint_mask.sum()).to(x.dtype) / (n_units * V)  # mean of the unit mask
+    x_mix = torch.where(b > 0.5, swapped, torch.where(b > 0.25, resized, mixup))
+    lam = torch.where(b > 0.25, lam_region, lam_mix).to(x.dtype).expand(N)
+    return x_mix, lam, partner
+
+
+def clip_window(n, t, lo, hi, g, device):
     """PCM3++ clip as a mask ("we just mask for efficiency"): per sample a window of L ~ U{lo..hi}
     frames starting at s ~ U{0..t-L}; (N, 1, T, 1, 1) float, 1 inside the window."""
     length = torch.randint(lo, hi + 1, (n, 1), generator=g, device=device)
@@ -437,86 +443,131 @@ def clip_window(n: int, t: int, lo: int, hi: int, g: torch.Generator, device) ->
     return ((frames >= start) & (frames < start + length)).float().view(n, 1, t, 1, 1)
 
 
-def make_views(x: torch.Tensor, num_frame: torch.Tensor, a: Args, g: torch.Generator) -> dict:
-    """Per-sample views from raw clips (N, 3, T_raw, 25, 2), all on x's device (methods.md 3A.1):
-    v1 (query) and v2 (key): crop-resize then joint corruption or shear (p 0.5); v3 (masked view):
-    crop-resize then always shear; clip: v2 outside a random 16..32-frame window zeroed.
-    Modality conversion per view after the crop."""
-    scale = tuple(a.crop_scale)
-
-    def crop():
-        return common.crop_resize(x, num_frame, g, a.window, scale, a.window)
-
-    v1, v2 = common.crop_corrupt_or_shear(x, num_frame, g, a.window, scale, a.window, views=2).chunk(2)
-    v3 = common.shear(crop(), g)
-    v1, v2, v3 = (common.to_modality(v, a.modality) for v in (v1, v2, v3))
-    lo, hi = a.clip_len
-    clip = v2 * clip_window(len(x), a.window, lo, hi, g, x.device)
-    return {"v1": v1, "v2": v2, "v3": v3, "clip": clip}
+def sample_views(x, num_frame, g, args):
+    """Per-sample views from raw clips (b, 3, T_raw, V, M) on the device (official
+    feeder/feeder_pretraining_base.py): v1 (query) and v2 (key) crop-resize then joint corruption or
+    shear (p 0.5); v3 (masked view) crop-resize then always shear; modality per view after the crop;
+    with --w_clip, clip = v2 outside a random clip_len window zeroed."""
+    scale = tuple(args.crop_scale)
+    v1, v2 = common.crop_corrupt_or_shear(x, num_frame, g, args.window, scale, args.window,
+                                          views=2).chunk(2)
+    v3 = common.shear(common.crop_resize(x, num_frame, g, args.window, scale, args.window), g)
+    views = {k: common.to_modality(v, args.modality) for k, v in (("v1", v1), ("v2", v2), ("v3", v3))}
+    if args.w_clip:
+        views["clip"] = views["v2"] * clip_window(len(x), args.window, *args.clip_len, g, x.device)
+    return views
 
 
-def add_batch_params(views: dict, a: Args, g_shared: torch.Generator, rank: int) -> dict:
-    """Parameters the official code draws once per batch, from a generator seeded identically on every
-    rank so that N processes reproduce one process: the body-part mask, inter-sample mixing of v1 over
-    the GLOBAL batch (partner indices are global) and the seven feature-prompt offsets."""
+def add_batch_params(views, args, g_shared, rank):
+    """The draws the official code makes once per batch, from a generator seeded alike on every rank
+    so that N processes reproduce one: the body-part mask, mixing of v1 over the GLOBAL batch (global
+    partner indices) and the seven feature-prompt offsets."""
     v1 = views["v1"]
     n = v1.shape[0]
-    mask = common.body_part_mask(v1.shape, g_shared, n_chunks=a.mask_chunks, n_parts=3)
-    x_mix, lam, partner = common.mix_samples(common.gather_nograd(v1), g_shared)
+    mask = body_part_mask(v1.shape, g_shared, n_chunks=args.mask_chunks, n_parts=3)
+    x_mix, lam, partner = mix_samples(common.gather_nograd(v1), g_shared)
     local = slice(rank * n, (rank + 1) * n)
-    offsets = torch.randint(0, a.hidden - a.prompt_dim // 2, (7,), generator=g_shared,
-                            device=v1.device)   # official randint[0, 895] for H 1024, P 256
+    offsets = torch.randint(0, args.hidden - args.prompt_dim // 2, (7,), generator=g_shared,
+                            device=v1.device)  # official randint[0, 895] for H 1024, P 256
     return {**views, "mask": mask, "x_mix": x_mix[local], "lam": lam[local],
             "partner": partner[local], "offsets": offsets}
 
 
+def make_views(x, num_frame, g, args, g_shared, rank):
+    """x (b, 3, T_raw, V, M) raw clips -> the dict of views and batch draws Model.forward takes."""
+    return add_batch_params(sample_views(x, num_frame, g, args), args, g_shared, rank)
+
+
+# ----------------------------------------------------------------------------------- optimization
+def make_optimizer(model, args):
+    """SGD (the official run) or Adam (QUICK) over the trainable parameters (the key encoder has none)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def train_step(model, net, opt, scaler, views, args, post_distill=False):
+    """One optimizer step (the momentum update and the enqueue are in Model.forward)."""
+    with common.autocast(views["v1"].device, args.dtype):
+        terms = net(views, post_distill)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(opt)
+    scaler.update()
+    return {k: v.detach() for k, v in terms.items()}
+
+
 # ------------------------------------------------------------------------------------------ main
-def _check(a: Args):
-    if a.prompt_dim // 2 >= a.hidden or a.prompt_dim < 2 or a.prompt_dim % 2:
-        raise common.UserError(f"--prompt_dim {a.prompt_dim}: must be even and in "
+def check_args(args):
+    for name in ("window", "hidden", "layers", "feat_dim", "dec_dim", "dec_layers", "mask_chunks",
+                 "batch_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    if args.prompt_dim // 2 >= args.hidden or args.prompt_dim < 2 or args.prompt_dim % 2:
+        raise common.UserError(f"--prompt_dim {args.prompt_dim}: must be even and in "
                                f"[2, 2 * --hidden) (two halves, one per GRU direction)")
-    if a.mask_chunks < 1 or a.queue_size < a.batch_size:
-        raise common.UserError(f"--mask_chunks {a.mask_chunks} must be >= 1 and --queue_size "
-                               f"{a.queue_size} >= --batch_size {a.batch_size}")
-    lo, hi = a.clip_len if len(a.clip_len) == 2 else (0, 0)
-    if not 1 <= lo <= hi <= a.window:
-        raise common.UserError(f"--clip_len {a.clip_len}: expected MIN MAX with 1 <= MIN <= MAX <= "
-                               f"--window {a.window}")
-    if a.window % a.mask_chunks or a.window % 4 or a.window < 44:
-        raise common.UserError(f"--window {a.window}: must be >= 44 (mixing swaps up to 11 units of 4 "
-                               f"frames), a multiple of 4 and of --mask_chunks {a.mask_chunks}")
-    if a.batch_size < 3:
-        raise common.UserError("--batch_size must be at least 3 (the mixing partner shift is 1..N-2)")
-    if min(a.epochs, a.post_distill_epochs) < 0 or a.epochs + a.post_distill_epochs < 1:
-        raise common.UserError(f"--epochs {a.epochs} / --post_distill_epochs {a.post_distill_epochs}: "
-                               f"must be >= 0 with at least one epoch in all")
-    if a.log_every < 1 or a.save_every < 1:
-        raise common.UserError("--log_every and --save_every must be >= 1")
+    if args.queue_size < args.batch_size:
+        raise common.UserError(f"--queue_size {args.queue_size}: must be >= --batch_size {args.batch_size}")
+    lo, hi = args.clip_len if len(args.clip_len) == 2 else (0, 0)
+    if not 1 <= lo <= hi <= args.window:
+        raise common.UserError(f"--clip_len {args.clip_len}: expected MIN MAX with 1 <= MIN <= MAX "
+                               f"<= --window {args.window}")
+    if args.window % args.mask_chunks or args.window % 4 or args.window < 44:
+        raise common.UserError(f"--window {args.window}: must be >= 44 (mixing swaps up to 11 units "
+                               f"of 4 frames), a multiple of 4 and of --mask_chunks {args.mask_chunks}")
+    if args.batch_size < 3:
+        raise common.UserError(f"--batch_size {args.batch_size}: the mixing partner shift 1..N-2 "
+                               f"needs at least 3")
+    if min(args.epochs, args.post_distill_epochs) < 0 or args.epochs + args.post_distill_epochs < 1:
+        raise common.UserError(f"--epochs {args.epochs} / --post_distill_epochs "
+                               f"{args.post_distill_epochs}: must be >= 0 with at least one epoch")
+    if args.w_clip < 0 or args.w_rec < 0 or args.lr <= 0 or args.weight_decay < 0:
+        raise common.UserError(f"--w_clip {args.w_clip} and --w_rec {args.w_rec} must be >= 0, --lr "
+                               f"{args.lr} > 0 and --weight_decay {args.weight_decay} >= 0")
 
 
 # Args a post-distillation run must share with its stage-one checkpoint (data, stream, model, loss).
-_STAGE_ONE_FIELDS = ("dataset", "split", "modality", "prompt", "window", "joints", "bodies",
-                     "hidden", "layers", "feat_dim", "prompt_dim", "dec_dim", "dec_layers",
-                     "queue_size", "momentum", "temperature", "teacher_temp", "student_temp",
-                     "rec_weight", "mask_chunks", "clip_len", "crop_scale", "batch_size",
-                     "optimizer")
+STAGE_ONE_FIELDS = ("dataset", "split", "modality", "prompt", "window", "joints", "bodies", "hidden",
+                    "layers", "feat_dim", "prompt_dim", "dec_dim", "dec_layers", "queue_size",
+                    "key_momentum", "temperature", "teacher_temp", "student_temp", "w_rec", "w_clip",
+                    "mask_chunks", "clip_len", "crop_scale", "batch_size", "optimizer")
 
 
-def _epoch_seed(a: Args, epoch: int, rank: int) -> int:
-    return (a.seed * 1_000_003 + epoch) * 1009 + rank
+def stage_one(args):
+    """The --post_distill_from checkpoint, checked against these flags; sets args.epochs to its
+    stage-one length. Returns (checkpoint, stage one's final lr)."""
+    src = common.load_checkpoint(args.post_distill_from, METHOD)
+    was = {"optimizer": "sgd", **common.checkpoint_args(src)}  # before --optimizer: SGD
+    if src["epoch"] != was["epochs"]:  # its lr schedule would not have ended
+        raise common.UserError(
+            f"--post_distill_from {args.post_distill_from}: saved at epoch {src['epoch']}, not at the "
+            f"end of its stage one ({was['epochs']} epochs); use a finished stage-one checkpoint "
+            f"(stage1.pt, or last.pt of a --post_distill_epochs 0 run)")
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+    diff = [k for k in STAGE_ONE_FIELDS if k in was and norm(was[k]) != norm(getattr(args, k))]
+    if diff:
+        raise common.UserError(f"--post_distill_from {args.post_distill_from}: stage one ran with "
+                               + ", ".join(f"--{k} {was[k]}" for k in diff) + "; repeat these flags")
+    args.epochs = src["epoch"]
+    return src, common.step_lr(was["lr"], src["epoch"] - 1, was["lr_steps"])
 
 
-def make_optimizer(model: nn.Module, a: Args) -> torch.optim.Optimizer:
-    """SGD (the paper) or Adam (QUICK) over the trainable parameters (the key encoder has none)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if a.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=a.lr, momentum=a.sgd_momentum, weight_decay=a.weight_decay)
-    return torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay)
+def check_resume(args):
+    """One optimizer's state cannot continue as the other's: refuse before anything is loaded."""
+    path = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}") / "last.pt"
+    if args.resume and path.is_file():
+        was = common.checkpoint_args(common.load_checkpoint(path, METHOD)).get("optimizer", "sgd")
+        if was != args.optimizer:
+            raise common.UserError(f"--resume: {path} was trained with --optimizer {was}; resume "
+                                   f"with --optimizer {was}")
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv, quick=QUICK)
-    _check(args)
+    check_args(args)
     d = common.setup_distributed(args.device)
     try:
         train(args, d)
@@ -524,137 +575,64 @@ def main(argv=None):
         common.cleanup_distributed()
 
 
-def train(args: Args, d):
+def train(args, d):
     device = d.device
-    warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
-    args.split = common.canonical_split(args.dataset, args.split)  # xset -> xsetup (out folder)
-    out_dir = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
-    log = common.RunLogger(out_dir, d.is_main)
-    if d.ddp and not d.is_main:
-        dist.barrier()  # rank 0 generates the synthetic data first if it is missing
-    split = common.load_split(args.data_dir, args.dataset, args.split, "train")
-    if d.ddp and d.is_main:
-        dist.barrier()
+    split = common.load_train_split(args, d, Z_ALIGN, METHOD)
     loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
                                 rank=d.rank, world_size=d.world_size, device=device,
                                 on_device=args.data_on_device, with_labels=False,
                                 num_workers=args.num_workers)
-
+    src, final_lr = stage_one(args) if args.post_distill_from else (None, None)
+    check_resume(args)
+    run = common.Run(args, METHOD, __file__, d, QUICK)  # after the inputs were checked
     common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
     model = Model(args).to(device)
     opt = make_optimizer(model, args)
     scaler = common.make_scaler(device, args.dtype)
     g, g_shared = torch.Generator(device), torch.Generator(device)
     start_epoch, step, metrics = 0, 0, {}
-    final_lr = common.step_lr(args.lr, args.epochs - 1, args.lr_steps)
-    ckpt_path = out_dir / "last.pt"
-    if args.post_distill_from:
-        # Only post-distillation: the stage-one checkpoint fixes where it starts and its lr.
-        src = common.load_checkpoint(args.post_distill_from, METHOD)
-        if src["epoch"] != src["args"]["epochs"]:  # its lr schedule would not have ended
-            raise common.UserError(
-                f"--post_distill_from {args.post_distill_from}: saved at epoch {src['epoch']}, not "
-                f"at the end of its stage one ({src['args']['epochs']} epochs); use a finished "
-                f"stage-one checkpoint (stage1.pt, or last.pt of a --post_distill_epochs 0 run)")
-        def norm(v):
-            return list(v) if isinstance(v, (list, tuple)) else v
-        src_args = {"optimizer": "sgd", **src["args"]}  # checkpoints before --optimizer: SGD
-        diff = [k for k in _STAGE_ONE_FIELDS
-                if k in src_args and norm(src_args[k]) != norm(getattr(args, k))]
-        if diff:  # the same data, stream and model as stage one (flags are not read from it)
-            raise common.UserError(
-                f"--post_distill_from {args.post_distill_from}: stage one ran with "
-                + ", ".join(f"--{k} {src_args[k]}" for k in diff) + "; repeat these flags")
-        args.epochs = src["epoch"]
-        final_lr = common.step_lr(src["args"]["lr"], src["epoch"] - 1, src["args"]["lr_steps"])
-        if not args.resume:  # continue stage one's model, queue and optimizer state (momenta)
-            common.load_state(model, src["model"], args.post_distill_from)
-            opt.load_state_dict(src["optimizer"])
-            common.load_scaler(scaler, src["scaler"])
-            start_epoch, step = src["epoch"], src["step"]
-            log.info(f"post-distillation from {args.post_distill_from} (epoch {src['epoch']}, "
-                     f"lr {final_lr:.4g})")
+    if src is None:
+        final_lr = common.step_lr(args.lr, args.epochs - 1, args.lr_steps)
+    elif not args.resume:  # continue stage one's model, queue and optimizer state (momenta)
+        common.load_state(model, src["model"], args.post_distill_from)
+        opt.load_state_dict(src["optimizer"])
+        common.load_scaler(scaler, src["scaler"])
+        start_epoch, step = src["epoch"], src["step"]
+        run.info(f"post-distillation from {args.post_distill_from} (epoch {start_epoch}, lr "
+                 f"{final_lr:.4g})")
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, METHOD)
-        was = ck["args"].get("optimizer", "sgd")
-        if was != args.optimizer:  # one optimizer's state cannot continue as the other's
-            raise common.UserError(f"--resume: {ckpt_path} was trained with --optimizer {was}; "
-                                   f"resume with --optimizer {was}")
-        common.load_state(model, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        common.load_scaler(scaler, ck["scaler"])
+        ck = run.resume(model, opt, scaler, g, g_shared)
         start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
-        common.set_rng_state(ck["rng"], g, g_shared)
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
     common.broadcast_module(model)
-    net = model
-    if d.ddp:  # queue and BN statistics are identical on every rank: no buffer broadcast needed
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if args.compile:
-        net = torch.compile(net)
+    net = common.wrap(model, d, args.compile)
     total = args.epochs + args.post_distill_epochs
-    if d.is_main:
-        common.save_json(common.args_to_dict(args), out_dir / "args.json")
-        log.info(f"pcm3pp: {common.count_params(model):,} parameters (encoder "
-                 f"{common.count_params(model.encoder):,}, GRU "
-                 f"{common.count_params(model.encoder.encoder):,}), {len(split)} clips, "
-                 f"{len(loader)} steps/epoch, {d.world_size} process(es) on {device}")
+    run.info(f"{METHOD}: {common.count_params(model):,} parameters (encoder "
+             f"{common.count_params(model.encoder):,}), {len(split)} clips, {len(loader)} "
+             f"steps/epoch, {d.world_size} process(es) on {device}")
 
-    steps_left = (total - start_epoch) * len(loader)
-    t_start, done = time.time(), 0
-    bar = tqdm(range(start_epoch, total), initial=start_epoch, total=total, desc=METHOD,
-               disable=not d.is_main)
-    names = ["loss", "rec"] + [f"nce_{n}" for n in PAIRS] + [f"kd_{n}" for n in PAIRS]
-    for epoch in bar:
-        post = epoch >= args.epochs
+    run.start(total * len(loader), step)
+    for epoch in range(start_epoch, total):
+        post = epoch >= args.epochs  # post-distillation at stage one's final lr
         lr = final_lr if post else common.step_lr(args.lr, epoch, args.lr_steps)
         common.set_lr(opt, lr)
         loader.set_epoch(epoch)
-        g.manual_seed(_epoch_seed(args, epoch, d.rank))      # per-rank augmentation
-        g_shared.manual_seed(_epoch_seed(args, epoch, 0))     # per-batch draws shared by all ranks
+        g.manual_seed(common.epoch_seed(args.seed, epoch, d.rank))  # augmentation
+        g_shared.manual_seed(common.epoch_seed(args.seed, epoch, -1))  # per-batch draws, all ranks
         net.train()
-        sums, n, t_log = torch.zeros(len(names), device=device), 0, time.time()
+        sums, n = {}, 0
         for x, num_frame, _ in loader:
             with torch.no_grad():
-                b = add_batch_params(make_views(x, num_frame, args, g), args, g_shared, d.rank)
-            with common.autocast(device, args.dtype):
-                terms = net(b, post)
-            loss = terms["loss"]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step, n, done = step + 1, n + 1, done + 1
-            sums += torch.stack([terms[k].detach() for k in names])
-            if step % args.log_every == 0:
-                if not torch.isfinite(loss):
-                    raise common.UserError(f"loss is {loss.item()} at step {step}: lower --lr or "
-                                           f"use --dtype fp32")
-                now = time.time()
-                rate = args.batch_size * args.log_every / max(now - t_log, 1e-9)
-                eta = (now - t_start) / done * (steps_left - done)
-                log.log(step, round(epoch + n / len(loader), 3),
-                        **{k: terms[k].item() for k in names}, lr=lr, stage=2 if post else 1,
-                        samples_per_s=round(rate, 1), eta=common.format_eta(eta))
-                t_log = now
-        metrics = dict(zip(names, (sums / max(n, 1)).tolist()), lr=lr)
-        log.log(step, epoch + 1, **{f"epoch_{k}": v for k, v in metrics.items()})
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-        last = epoch + 1 in (args.epochs, total)
-        if d.is_main and ((epoch + 1) % args.save_every == 0 or last):
-            ckpt = {
-                "method": METHOD, "args": common.args_to_dict(args),
-                "encoder": model.encoder.state_dict(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                "step": step, "rng": common.rng_state(g, g_shared), "dataset": args.dataset,
-                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}
-            common.save_checkpoint(ckpt, ckpt_path)
-            if epoch + 1 == args.epochs < total:  # post-distillation overwrites last.pt: keep the
-                common.save_checkpoint(ckpt, out_dir / "stage1.pt")  # "w/o post-distill" model
-    bar.close()
-    log.info(f"done: {ckpt_path}")
+                views = make_views(x, num_frame, g, args, g_shared, d.rank)
+            terms = train_step(model, net, opt, scaler, views, args, post)
+            step, n = step + 1, n + 1
+            sums = {k: sums.get(k, 0) + v for k, v in terms.items()}
+            run.step(step, epoch + n / len(loader), terms, lr)
+        metrics = run.end_epoch(step, epoch, sums, n, lr)
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 in (args.epochs, total):
+            run.save(model, opt, scaler, epoch + 1, step, metrics, (g, g_shared))
+        if epoch + 1 == args.epochs < total:  # post-distillation overwrites last.pt: keep stage one
+            run.save(model, opt, scaler, epoch + 1, step, metrics, (g, g_shared), name="stage1.pt")
+    run.done()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ joints/frames, exact outputs where the parameters can be replayed or recovered, 
 Parameters are recovered from outputs with probe inputs: basis vectors for the 3x3 maps, frame
 indices stored as coordinates for the crops and permutations. Where a test replays draws it clones
 the generator and repeats the draw order the function's docstring lists."""
-import itertools
-import math
 
 import numpy as np
 import pytest
@@ -272,25 +270,6 @@ def test_joint_jitter_noise_level():
 # ----------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------
-def test_body_part_mask_structure_and_frequencies():
-    parts = list(C.BODY_PARTS.values())
-    assert sorted(itertools.chain(*parts)) == list(range(V))
-    counts = np.zeros(5)
-    g = gen(21)
-    for _ in range(200):
-        mask = C.body_part_mask((3, 3, 64, V, 2), g)
-        assert mask.shape == (3, 3, 64, V, 2) and mask.dtype == torch.float32
-        assert torch.equal(mask, mask[:1, :1].expand_as(mask))       # one pattern for the batch
-        assert (mask[..., 1] == 1).all()                             # body 2 never masked
-        hidden = mask[0, 0, :, :, 0] == 0                            # (T, V)
-        chunks = hidden.view(8, 8, V)
-        assert torch.equal(chunks, chunks[:, :1].expand_as(chunks))  # constant within a chunk
-        for k in range(8):
-            on = [bool(chunks[k, 0, p].all()) for p in parts]
-            assert sum(on) == 3
-            assert int(chunks[k, 0].sum()) == sum(len(p) for p, o in zip(parts, on) if o)
-            counts += on
-    assert np.abs(counts / 1600 - 0.6).max() < 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,72 +302,6 @@ def test_shuffle_frames_is_a_non_identity_permutation():
         C.shuffle_frames(frame_coded(2, 1), gen(0))
 
 
-def test_mix_samples_follows_ske_swap():
-    parts = [set(p) for p in C.BODY_PARTS.values()]
-    N, T = 5, 64
-    g = gen(24)
-    branches, shifts, n_parts, units = [], [], [], []
-    for k in range(300):
-        x = torch.randn(N, 3, T, V, 2, generator=gen(1000 + k))
-        g2 = replay(g)
-        out, lam, partner = C.mix_samples(x, g)
-        # Replay the draws (docstring order) to get the branch variable b: > .5 swap, > .25 resized.
-        torch.randint(1, N - 1, (1,), generator=g2), torch.randint(2, 4, (1,), generator=g2)
-        torch.rand(1, 5, generator=g2), torch.randint(7, 12, (1,), generator=g2)
-        torch.rand(1, generator=g2, dtype=torch.float64)
-        b = float(torch.rand(1, generator=g2, dtype=torch.float64))
-        expected = "swap" if b > 0.5 else "resized" if b > 0.25 else "mixup"
-        assert lam.shape == (N,) and torch.equal(lam, lam[:1].expand(N))
-        shift = int(partner[0])
-        assert 1 <= shift <= N - 2 and torch.equal(partner, (torch.arange(N) + shift) % N)
-        shifts.append(shift)
-        other = x[partner]
-        diff = out != x
-        if diff.float().mean() > 0.9:        # Mixup (a swap region covers < 1/2 of the clip)
-            lm = float(lam[0])
-            assert 0 < lm < 1
-            close(out, x * (1 - lm) + other * lm)
-            branches.append("mixup")
-            assert expected == "mixup"
-            continue
-        region = diff.any(4).any(1).any(0)                            # (T, V)
-        assert torch.equal(diff, region[None, None, :, :, None].expand_as(diff))
-        frames = torch.nonzero(region.any(1)).flatten()
-        joints = set(torch.nonzero(region.any(0)).flatten().tolist())
-        t0, rt = int(frames[0]), len(frames)
-        assert t0 % 4 == 0 and rt % 4 == 0 and 7 <= rt // 4 <= 11
-        assert frames.tolist() == list(range(t0, t0 + rt))
-        chosen = [p for p in parts if p <= joints]
-        assert set().union(*chosen) == joints and len(chosen) in (2, 3)
-        assert math.isclose(float(lam[0]), (rt // 4) * len(joints) / (16 * V), rel_tol=1e-6)
-        js = sorted(joints)
-        got = out[:, :, t0:t0 + rt][:, :, :, js]
-        if torch.equal(got, other[:, :, t0:t0 + rt][:, :, :, js]):
-            branches.append("swap")
-        else:
-            src = other[:, :, :min(2 * rt, T)]
-            ref = F.interpolate(src, size=(rt, V, 2))                  # official: default 'nearest'
-            assert torch.equal(got, ref[:, :, :, js])
-            branches.append("resized")
-        assert branches[-1] == expected
-        n_parts.append(len(chosen))
-        units.append(rt // 4)
-    freq = {b: branches.count(b) / 300 for b in ("swap", "resized", "mixup")}
-    assert abs(freq["swap"] - 0.5) < 0.09 and abs(freq["resized"] - 0.25) < 0.08
-    assert abs(freq["mixup"] - 0.25) < 0.08
-    assert set(shifts) == {1, 2, 3} and set(units) == set(range(7, 12))
-    assert abs(n_parts.count(2) / len(n_parts) - 0.5) < 0.1
-
-
-def test_mix_samples_small_batches():
-    x = torch.randn(2, 3, 64, V, 2, generator=gen(25))
-    assert C.mix_samples(x, gen(26))[2].tolist() == [1, 0]
-    out, lam, partner = C.mix_samples(x[:1], gen(26))
-    assert partner.tolist() == [0] and torch.allclose(out, x[:1])
-    with pytest.raises(ValueError, match="44 frames"):
-        C.mix_samples(x[:, :, :40], gen(26))
-
-
 # ----------------------------------------------------------------------------------------------
 # Modalities, seeding
 # ----------------------------------------------------------------------------------------------
@@ -412,8 +325,7 @@ RANDOM_FNS = {
                                               min_len=16),
     "shear": C.shear, "joint_corruption": C.joint_corruption,
     "corrupt_or_shear": C.corrupt_or_shear, "joint_jitter": C.joint_jitter,
-    "shuffle_frames": C.shuffle_frames, "mix_samples": lambda x, g: C.mix_samples(x, g)[0],
-    "body_part_mask": lambda x, g: C.body_part_mask(x.shape, g, device=x.device),
+    "shuffle_frames": C.shuffle_frames,
 }
 
 
