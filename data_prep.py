@@ -1544,18 +1544,16 @@ def gendata_ntu(files: list[Path], out: Path, dataset: str, z_align: bool = True
             if pool and b + 1 < len(blocks):
                 pending = pool.map_async(_ntu_job, [jobs[i] for i in blocks[b + 1]], chunksize=4)
             buf, g, nf = [], [], []
-            for i, (status, xyz, msg) in zip(block, results):
+            for i, (status, sample, n, msg) in zip(block, results):
                 if status == "bad" and not skip_bad:
                     raise UserError(msg + " (use --skip_bad to skip such files)")
                 if status != "ok":
                     keep[i] = False
                     report.append(f"{status}: {msg}")
                     continue
-                sample = np.zeros((MAX_BODY, T, 25, 3), dtype=np.float32)   # body 1 stays empty
-                sample[0, :len(xyz)] = xyz
                 buf.append(sample)
                 g.append(i)
-                nf.append(len(xyz))
+                nf.append(n)
             if buf:
                 writer.put(np.array(g), pre_normalization(np.stack(buf), z_align), np.array(nf))
             if bar is not None:
@@ -2112,9 +2110,13 @@ def bvh_to_ntu(pos: np.ndarray, names: list, jmap: dict, scale: float, path="") 
 
 def resample(x: np.ndarray, frame_time: float, fps: float = BVH_FPS) -> np.ndarray:
     """(F, ...) frames at 1 / frame_time Hz -> frames at `fps` by linear interpolation in time,
-    covering the same duration (frame k at time k / fps); rates within 0.1% of fps are kept."""
-    ratio = frame_time * fps
-    if abs(ratio - 1.0) < 1e-3 or len(x) < 2:
+    covering the same duration (frame k at time k / fps). A rate within 0.1% of a whole number is
+    taken as that number (files write Frame Time rounded: 0.0083333 for 120 Hz)."""
+    src = 1.0 / frame_time
+    if abs(src - round(src)) <= 1e-3 * src:
+        src = float(round(src))
+    ratio = fps / src
+    if ratio == 1.0 or len(x) < 2:
         return x
     n = int(math.floor((len(x) - 1) * ratio + 1e-6)) + 1
     u = np.minimum(np.arange(n) / ratio, len(x) - 1)                   # source frame positions
