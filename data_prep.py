@@ -1912,7 +1912,7 @@ def read_bvh(path) -> BvhClip:
                 raise _bad(path, ln, f"CHANNELS {n} lists {len(tok) - 2} channel names")
             for c in tok[2:]:
                 axis, kind = c[:1].upper(), c[1:].lower()
-                if axis not in "XYZ" or not axis or kind not in ("position", "rotation"):
+                if not axis or axis not in "XYZ" or kind not in ("position", "rotation"):
                     raise _bad(path, ln, f"unknown channel {c!r} (expected X/Y/Z position or "
                                          "rotation)")
                 if kind == "position":
@@ -2088,6 +2088,18 @@ def detect_preset(names: list, path) -> str:
             return preset
     raise UserError(f"{path}: its joint names match no preset ({', '.join(BVH_PRESETS)}): pass "
                     "--joint_map FILE (lines 'ntu_joint bvh_joint') and --bvh_scale")
+
+
+def _detect_in(files: list, skip_bad: bool) -> str:
+    """The preset of the first readable file (with --skip_bad, unreadable ones are passed over;
+    the conversion lists them)."""
+    for f in files:
+        try:
+            return detect_preset(read_bvh(f).names, f)
+        except UserError:
+            if not skip_bad or f == files[-1]:
+                raise
+    raise UserError("no .bvh files")
 
 
 def bvh_to_ntu(pos: np.ndarray, names: list, jmap: dict, scale: float, path="") -> np.ndarray:
@@ -2300,8 +2312,7 @@ def prepare_bvh(raw_dir, data_dir, dataset: str = "bandai", labels_csv: str = ""
                 raise UserError(f"--labels {labels_csv}: {f} does not exist")
         member = {DATASETS["bvh"][1][0]: side}
     if joint_map in BVH_PRESETS or joint_map == "auto":
-        preset = joint_map if joint_map != "auto" else detect_preset(read_bvh(files[0]).names,
-                                                                     files[0])
+        preset = joint_map if joint_map != "auto" else _detect_in(files, skip_bad)
         preset_scale, jmap = BVH_PRESETS[preset]
         scale = scale or preset_scale
         map_desc = preset
@@ -2460,15 +2471,17 @@ def convert_npz(path, data_dir, dataset: str = "ntu60", split: str = "", force: 
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(Args, argv)
+    if (args.joint_map != "auto" or args.bvh_scale) and args.dataset not in ("bandai", "bvh"):
+        raise UserError("--joint_map / --bvh_scale are for --dataset bandai or bvh")
+    if args.labels and args.dataset != "bvh":
+        raise UserError("--labels is for --dataset bvh (bandai's labels come from its file "
+                        "names)")
     if args.dataset.startswith("synthetic"):
         if args.raw_dir or args.from_npz:
             raise UserError("--raw_dir / --from_npz are for real datasets, not --dataset "
                             f"{args.dataset}")
         prepare_synthetic(args.data_dir, args.dataset, args.size, args.seed, args.raw,
                           z_align=args.z_align, force=args.force)
-    elif (args.labels or args.joint_map != "auto" or args.bvh_scale) and \
-            args.dataset not in ("bandai", "bvh"):
-        raise UserError("--labels / --joint_map / --bvh_scale are for --dataset bandai or bvh")
     elif args.from_npz:
         if not args.dataset.startswith("ntu"):
             raise UserError("--from_npz converts NTU arrays: use --dataset ntu60 or ntu120")

@@ -401,6 +401,15 @@ def test_generic_bvh_with_labels_csv(tmp_path):
     te = C.load_split(out, "bvh", "custom", "val")
     assert tr.labels.tolist() == [1, 0] and te.labels.tolist() == [1, 0]
     assert tr.num_frame.tolist() == [1, 2] and te.num_frame.tolist() == [2, 3]   # 120 fps -> 30
+    m = tmp_path / "map.txt"
+    m.write_text("".join(f"{k} {v}\n" for k, v in D.BVH_PRESETS["cmu"][1].items()))
+    with pytest.raises(C.UserError, match="map.txt: give --bvh_scale"):
+        D.prepare_bvh(raw, out, "bvh", str(csv), joint_map=str(m), workers=1, quiet=True)
+    D.prepare_bvh(raw, out, "bvh", str(csv), joint_map=str(m), scale=0.0254 / 0.45, workers=1,
+                  quiet=True)
+    np.testing.assert_array_equal(C.load_split(out, "bvh", "custom", "train").data, tr.data)
+    with pytest.raises(C.UserError, match="--labels is for --dataset bvh"):
+        D.main(["--dataset", "bandai", "--raw_dir", str(raw), "--labels", str(csv)])
     csv.write_text("sub/c0.bvh,wave,training\n")
     with pytest.raises(C.UserError, match=r"labels.csv:1: split must be train or test"):
         D.prepare_bvh(raw, out, "bvh", str(csv), workers=1, quiet=True)
