@@ -2249,8 +2249,8 @@ def _bandai_files(raw: Path) -> tuple[Path, list[str]]:
 def read_bvh_labels(path: Path, raw: Path) -> tuple[list, list, np.ndarray, np.ndarray]:
     """--labels CSV for --dataset bvh: lines 'file,label,split' (file relative to --raw_dir, label
     any class name, split train or test; an optional header line 'file,label,split').
-    -> (files, class names (sorted; numerically when all are integers), (N,) 1 = train /
-    0 = test, (N,) class indices)."""
+    -> (files, class names (whole numbers first in numeric order, then the others
+    alphabetically), (N,) 1 = train / 0 = test, (N,) class indices into the names)."""
     rows = []
     for k, line in enumerate(_read_text(path)):
         if not line.strip() or (k == 0 and line.replace(" ", "").lower() == "file,label,split"):
@@ -2264,7 +2264,7 @@ def read_bvh_labels(path: Path, raw: Path) -> tuple[list, list, np.ndarray, np.n
     if not rows:
         raise UserError(f"--labels {path}: no 'file,label,split' lines")
     labels = {r[2] for r in rows}
-    classes = sorted(labels, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    classes = sorted(labels, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
     files, seen = [], {}
     for ln, f, lab, split in rows:
         if f in seen:

@@ -272,7 +272,8 @@ def _good_lines(tmp_path):
     (lambda L: L.__setitem__(3, "\tOFFSET 0 0"), 4, "OFFSET needs 3 values, found 2"),
     (lambda L: L.__setitem__(6, "\tOFFSET 0 1 0"), 7, "expected '{' after the declaration of 'A'"),
     (lambda L: L.__delitem__(14), 15, "MOTION before the hierarchy's '}' are all closed"),
-    (lambda L: L.__setitem__(16, "Frames: 4"), 21, "file is truncated (4 frames declared, 3 found)"),
+    (lambda L: L.__setitem__(16, "Frames: 4"), 21,
+     "file is truncated (4 frames declared, 3 found)"),
     (lambda L: L.__setitem__(17, "Frame Time: -1"), 18, "Frame Time must be positive"),
     (lambda L: L.__setitem__(0, "HIERARCHIE"), 1, "expected 'HIERARCHY'"),
 ])
@@ -293,14 +294,16 @@ def test_malformed_bvh_names_file_and_line(tmp_path, edit, line, msg):
 def _bandai_raw(root: Path) -> Path:
     d = root / "dataset" / "Bandai-Namco-Research-Motiondataset-2" / "data"
     d.mkdir(parents=True)
-    clips = [("wave-left-hand", "normal", 1, "UpperArm_L"), ("wave-left-hand", "elderly", 5, "UpperArm_L"),
-             ("wave-right-hand", "active", 5, "UpperArm_R"), ("wave-right-hand", "youthful", 2, "UpperArm_R"),
+    clips = [("wave-left-hand", "normal", 1, "UpperArm_L"),
+             ("wave-left-hand", "elderly", 5, "UpperArm_L"),
+             ("wave-right-hand", "active", 5, "UpperArm_R"),
+             ("wave-right-hand", "youthful", 2, "UpperArm_R"),
              ("walk", "feminine", 10, None), ("run", "masculine", 3, None),
              ("raise-up-both-hands", "exhausted", 12, None)]
     for k, (cls, style, take, wave) in enumerate(clips):
         write_bvh(d / f"dataset-2_{cls}_{style}_{take:03d}.bvh", bandai_skeleton(),
                   bandai_frames(20 + 5 * k, wave))
-    (d / f"dataset-2_walk_normal_001.json").write_text('{"content": 0, "style": 5}')
+    (d / "dataset-2_walk_normal_001.json").write_text('{"content": 0, "style": 5}')
     return root
 
 
