@@ -908,6 +908,10 @@ DATASETS = {
     "pku2": ("PKU-MMD-v2", ("xsub", "xview"), 51),
     "synthetic": ("synthetic", ("xsub", "xview"), 20),
     "synthetic_ext": ("synthetic_ext", ("xsub", "xview"), 30),
+    # BVH mocap: Bandai-Namco-Research-Motiondataset-2 (xstyle: unseen styles, xtake: unseen takes)
+    "bandai": ("Bandai-Namco-2", ("xstyle", "xtake"), 10),
+    # any labelled BVH clips (data_prep.py --dataset bvh --labels CSV): up to 100 classes
+    "bvh": ("BVH", ("custom",), 100),
 }
 SPLIT_ALIASES = {"xset": "xsetup"}
 

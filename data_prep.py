@@ -1,4 +1,4 @@
-"""Prepare skeleton datasets in the processed AGCN-style layout (SPEC section 3).
+"""Prepare skeleton datasets in the processed AGCN-style layout.
 
 Built-in synthetic data (no download; what the quick starts, the tests and CI use):
     python data_prep.py --dataset synthetic          # 20 classes -> data/synthetic/{xsub,xview}
@@ -7,13 +7,18 @@ Built-in synthetic data (no download; what the quick starts, the tests and CI us
 Every synthetic call also writes the untrimmed PKU-MMD-like detection set
 data/synthetic_untrimmed/xsub/.
 
-Real data (facts in specs/protocols.md sections 5 and 8):
+Real data:
     python data_prep.py --dataset ntu60 --raw_dir NTU/nturgb+d_skeletons
     python data_prep.py --dataset ntu120 --raw_dir NTU/nturgb+d_skeletons NTU/<S018-S032 folder>
     python data_prep.py --dataset pku1 --raw_dir PKU-MMD     # PKU_Skeleton_Renew/,
                                           # Train_Label_PKU_final/, cross-subject.txt
     python data_prep.py --dataset pku2 --raw_dir PKU-MMD-v2  # skeleton/, label/, cross-*.txt
     python data_prep.py --dataset ntu60 --from_npz NTU60_CS.npz   # CTR-GCN / SGN arrays
+Motion capture in BVH (no request form):
+    python data_prep.py --dataset bandai --raw_dir Bandai-Namco-Research-Motiondataset
+                                          # the cloned repository -> Bandai-Namco-2/{xstyle,xtake}
+    python data_prep.py --dataset bvh --raw_dir DIR --labels clips.csv [--joint_map FILE
+                        --bvh_scale 0.01]     # any BVH: lines 'file,label,split' -> BVH/custom
 --no_z_align gives the UmURL/USDRL variant of the pre-normalisation; --skip_bad skips (and lists in
 <output>/skipped.txt) malformed inputs instead of stopping at the first one.
 
@@ -46,9 +51,10 @@ from common import DATASETS, UserError, arg, parse_args, run_main
 
 @dataclasses.dataclass
 class Args:
-    """Prepare NTU RGB+D 60/120, PKU-MMD I/II or the built-in synthetic data (processed layout)."""
+    """Prepare NTU RGB+D 60/120, PKU-MMD I/II, BVH motion capture (Bandai-Namco dataset-2 or any
+    labelled clips) or the built-in synthetic data (processed layout)."""
     dataset: str = arg("synthetic", "dataset to prepare", choices=[
-        "synthetic", "synthetic_ext", "ntu60", "ntu120", "pku1", "pku2"])
+        "synthetic", "synthetic_ext", "ntu60", "ntu120", "pku1", "pku2", "bandai", "bvh"])
     data_dir: str = arg("data", "output root; the training scripts read the same --data_dir")
     size: str = arg("default", "synthetic only: 'tiny' (tests, 240 clips) or 'default' (2400 "
                                "clips; 3600 for synthetic_ext)", choices=["tiny", "default"])
@@ -62,9 +68,16 @@ class Args:
                             "one-hot y_train, x_test, y_test) instead of parsing raw files")
     split: str = arg("", "--from_npz only: its benchmark split (default: from the file name, "
                          "*_CS/_CSub -> xsub, *_CV -> xview, *_CSet -> xsetup)")
+    labels: str = arg("", "--dataset bvh: CSV with lines 'file,label,split' (file relative to "
+                          "--raw_dir, any class name, split train or test)")
+    joint_map: str = arg("auto", "BVH joint names -> NTU joints: a preset (bandai, cmu), 'auto' "
+                                 "(the preset matching the first file) or a FILE of lines "
+                                 "'ntu_joint bvh_joint'")
+    bvh_scale: float = arg(0.0, "metres per BVH file unit (0: the preset's, bandai cm 0.01, cmu "
+                                "0.0254/0.45); required with a --joint_map FILE")
     skip_bad: bool = arg(False, "skip malformed raw files and list them in <output>/skipped.txt "
                                 "instead of stopping with an error")
-    workers: int = arg(2, "parallel worker processes for parsing raw NTU files")
+    workers: int = arg(2, "parallel worker processes for parsing raw NTU / BVH files")
     force: bool = arg(False, "rebuild outputs that already exist")
 
 
@@ -1781,6 +1794,583 @@ def prepare_pku(raw_dir, data_dir, dataset: str = "pku1", z_align: bool = True,
 
 
 # ----------------------------------------------------------------------------------------------
+# Real data: BVH motion capture (Bandai-Namco-Research-Motiondataset-2, CMU, any BVH + joint map)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BvhClip:
+    """One parsed .bvh file. Joints are in file order (a parent precedes its children); End Sites
+    are joints too, named '<parent>_end', without channels."""
+    names: list
+    parents: np.ndarray    # (J,) parent index, -1 for the root
+    offsets: np.ndarray    # (J, 3) OFFSET in file units
+    pos_cols: np.ndarray   # (J, 3) motion column of the X/Y/Z position channel, -1 when absent
+    rot_cols: list         # per joint: motion columns of its rotation channels, in written order
+    rot_axes: list         # per joint: their axes, e.g. "ZXY"
+    motion: np.ndarray     # (F, channels) float64
+    frame_time: float      # seconds
+
+
+def _bvh_float(path, lineno: int, tok: str, what: str) -> float:
+    try:
+        x = float(tok)
+    except ValueError:
+        raise _bad(path, lineno, f"{what}: non-numeric value {tok!r}") from None
+    if not math.isfinite(x):
+        raise _bad(path, lineno, f"{what}: non-finite value {tok!r}")
+    return x
+
+
+def read_bvh(path) -> BvhClip:
+    """Parse a BVH file (HIERARCHY: ROOT / JOINT / End Site blocks with OFFSET and CHANNELS in any
+    order of the six channel names; MOTION: 'Frames:', 'Frame Time:' and one line of channel values
+    per frame). Malformed input raises UserError('<file>:<line>: what is wrong')."""
+    lines = _read_text(Path(path))
+    names, parents, offsets, pos_cols, rot_cols, rot_axes = [], [], [], [], [], []
+    has_offset, is_end = [], []
+    stack: list[int] = []
+    pending = None   # joint declared, its '{' not yet read
+    n_chan = 0
+    i = 0
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    if i == len(lines) or lines[i].split()[0] != "HIERARCHY":
+        raise _bad(path, min(i + 1, len(lines)), "expected 'HIERARCHY' (not a BVH file)")
+    i += 1
+    while True:
+        if i == len(lines):
+            raise _bad(path, len(lines), "file is truncated (no MOTION section)")
+        tok = lines[i].split()
+        ln = i + 1
+        i += 1
+        if not tok:
+            continue
+        key = tok[0]
+        if key == "MOTION":
+            if stack or pending is not None:
+                raise _bad(path, ln, "MOTION before the hierarchy's '}' are all closed")
+            break
+        if pending is not None and key != "{":
+            raise _bad(path, ln, f"expected '{{' after the declaration of {names[pending]!r}")
+        if key in ("ROOT", "JOINT") or tok[:2] == ["End", "Site"]:
+            end = key == "End"
+            brace = tok[-1] == "{" and len(tok) > (2 if end else 1)
+            if key == "ROOT" and (stack or names):
+                raise _bad(path, ln, "a second ROOT (one skeleton per file is supported)")
+            if key != "ROOT" and not stack:
+                raise _bad(path, ln, f"{key} outside the ROOT block")
+            if end:
+                if is_end[stack[-1]]:
+                    raise _bad(path, ln, "End Site inside an End Site")
+                name = names[stack[-1]] + "_end"
+            else:
+                name = " ".join(tok[1:-1] if brace else tok[1:])
+                if not name:
+                    raise _bad(path, ln, f"{key} without a name")
+                if name in names:
+                    raise _bad(path, ln, f"joint name {name!r} used twice")
+            names.append(name)
+            parents.append(stack[-1] if stack else -1)
+            offsets.append([0.0, 0.0, 0.0])
+            pos_cols.append([-1, -1, -1])
+            rot_cols.append([])
+            rot_axes.append("")
+            has_offset.append(False)
+            is_end.append(end)
+            pending = len(names) - 1
+            if brace:
+                stack.append(pending)
+                pending = None
+        elif key == "{":
+            if pending is None:
+                raise _bad(path, ln, "'{' without a ROOT / JOINT / End Site before it")
+            stack.append(pending)
+            pending = None
+        elif key == "}":
+            if not stack:
+                raise _bad(path, ln, "'}' without a matching '{'")
+            if not has_offset[stack[-1]]:
+                raise _bad(path, ln, f"{names[stack[-1]]!r} has no OFFSET")
+            stack.pop()
+        elif key == "OFFSET":
+            if not stack:
+                raise _bad(path, ln, "OFFSET outside a joint block")
+            if len(tok) != 4:
+                raise _bad(path, ln, f"OFFSET needs 3 values, found {len(tok) - 1}")
+            offsets[stack[-1]] = [_bvh_float(path, ln, t, "OFFSET") for t in tok[1:]]
+            has_offset[stack[-1]] = True
+        elif key == "CHANNELS":
+            j = stack[-1] if stack else None
+            if j is None or is_end[j]:
+                raise _bad(path, ln, "CHANNELS outside a ROOT / JOINT block")
+            if rot_axes[j] or max(pos_cols[j]) >= 0:
+                raise _bad(path, ln, f"a second CHANNELS line for {names[j]!r}")
+            try:
+                n = int(tok[1])
+            except (IndexError, ValueError):
+                raise _bad(path, ln, "CHANNELS must be followed by their number") from None
+            if n != len(tok) - 2:
+                raise _bad(path, ln, f"CHANNELS {n} lists {len(tok) - 2} channel names")
+            for c in tok[2:]:
+                axis, kind = c[:1].upper(), c[1:].lower()
+                if not axis or axis not in "XYZ" or kind not in ("position", "rotation"):
+                    raise _bad(path, ln, f"unknown channel {c!r} (expected X/Y/Z position or "
+                                         "rotation)")
+                if kind == "position":
+                    if pos_cols[j]["XYZ".index(axis)] >= 0:
+                        raise _bad(path, ln, f"channel {c!r} given twice")
+                    pos_cols[j]["XYZ".index(axis)] = n_chan
+                else:
+                    rot_cols[j].append(n_chan)
+                    rot_axes[j] += axis
+                n_chan += 1
+        else:
+            raise _bad(path, ln, f"unexpected {key!r} in the HIERARCHY")
+    if not names:
+        raise _bad(path, i, "MOTION before any ROOT")
+    header = {}
+    for field in ("Frames", "Frame Time"):
+        while i < len(lines) and not lines[i].strip():
+            i += 1
+        line = lines[i].strip() if i < len(lines) else ""
+        if not line.startswith(field + ":"):
+            raise _bad(path, min(i + 1, len(lines)), f"expected '{field}:'")
+        header[field] = (line[len(field) + 1:].strip(), i + 1)
+        i += 1
+    try:
+        frames = int(header["Frames"][0])
+    except ValueError:
+        frames = -1
+    if frames < 0:
+        raise _bad(path, header["Frames"][1], f"'Frames:' needs a count, found "
+                                              f"{header['Frames'][0]!r}")
+    dt_text, dt_line = header["Frame Time"]
+    dt = _bvh_float(path, dt_line, dt_text, "Frame Time")
+    if dt <= 0:
+        raise _bad(path, dt_line, f"Frame Time must be positive, found {dt_text!r}")
+    rows = lines[i:i + frames]
+    if len(rows) < frames or (frames and not rows[-1].strip()):
+        found = sum(1 for r in rows if r.strip())
+        raise _bad(path, len(lines), f"file is truncated ({frames} frames declared, "
+                                     f"{found} found)")
+    extra = [k for k, r in enumerate(lines[i + frames:]) if r.strip()]
+    if extra:
+        raise _bad(path, i + frames + extra[0] + 1, f"more frame lines than 'Frames: {frames}'")
+    motion = _numbers(path, rows, n_chan, lineno=lambda k: i + k + 1) if frames else \
+        np.zeros((0, n_chan))
+    return BvhClip(names, np.array(parents), np.array(offsets, dtype=np.float64),
+                   np.array(pos_cols, dtype=np.int64), rot_cols, rot_axes, motion, dt)
+
+
+def _axis_rotations(axis: str, deg: np.ndarray) -> np.ndarray:
+    """(F,) angles in degrees about axis X, Y or Z -> (F, 3, 3) right-handed rotation matrices."""
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    R = np.zeros(a.shape + (3, 3))
+    i, j = {"X": (1, 2), "Y": (2, 0), "Z": (0, 1)}[axis]
+    k = 3 - i - j
+    R[:, k, k] = 1.0
+    R[:, i, i], R[:, i, j], R[:, j, i], R[:, j, j] = c, -s, s, c
+    return R
+
+
+def bvh_positions(clip: BvhClip) -> np.ndarray:
+    """Forward kinematics -> (F, J, 3) world positions in file units and axes, vectorised over
+    frames. A joint's local transform is translation then rotation: the translation is its OFFSET,
+    with each axis that has a position channel taken from that channel instead (the channel
+    replaces the OFFSET, as in Blender's BVH import); the rotation is the product of its rotation
+    channels in the order written (CHANNELS ... Zrotation Xrotation Yrotation -> Rz @ Rx @ Ry)."""
+    F, J = len(clip.motion), len(clip.names)
+    pos = np.zeros((F, J, 3))
+    rot = np.zeros((F, J, 3, 3))
+    for j in range(J):
+        t = np.repeat(clip.offsets[j][None], F, axis=0)                   # (F, 3)
+        cols = clip.pos_cols[j]
+        t[:, cols >= 0] = clip.motion[:, cols[cols >= 0]]
+        R = np.broadcast_to(np.eye(3), (F, 3, 3))
+        for col, axis in zip(clip.rot_cols[j], clip.rot_axes[j]):
+            R = R @ _axis_rotations(axis, clip.motion[:, col])
+        p = clip.parents[j]
+        if p < 0:
+            pos[:, j], rot[:, j] = t, R
+        else:
+            pos[:, j] = pos[:, p] + np.einsum("fij,fj->fi", rot[:, p], t)
+            rot[:, j] = rot[:, p] @ R
+    return pos
+
+
+# Joint-name presets: NTU joint (common.JOINT_NAMES) -> BVH joint ('<joint>_end' = its End Site),
+# and metres per file unit. NTU joints absent from a map are filled by BVH_FILL.
+BVH_PRESETS = {
+    # Bandai-Namco-Research-Motiondataset: cm; Neck is the base of the neck, Head the top of the
+    # neck (its End Site has offset 0, so there is no head point), Hand_* is the wrist.
+    "bandai": (0.01, {
+        "spine_base": "Hips", "spine_mid": "Chest", "spine_shoulder": "Neck", "neck": "Head",
+        "left_shoulder": "UpperArm_L", "left_elbow": "LowerArm_L", "left_wrist": "Hand_L",
+        "right_shoulder": "UpperArm_R", "right_elbow": "LowerArm_R", "right_wrist": "Hand_R",
+        "left_hip": "UpperLeg_L", "left_knee": "LowerLeg_L", "left_ankle": "Foot_L",
+        "left_foot": "Toes_L", "right_hip": "UpperLeg_R", "right_knee": "LowerLeg_R",
+        "right_ankle": "Foot_R", "right_foot": "Toes_R"}),
+    # CMU mocap as BVH (the 31-joint conversion of the ASF/AMC files): lengths stay in the ASF unit
+    # of 1/0.45 inch; LeftFingerBase sits on the wrist, so the hand is LeftHandIndex1.
+    "cmu": (0.0254 / 0.45, {
+        "spine_base": "Hips", "spine_mid": "Spine", "spine_shoulder": "Neck", "neck": "Neck1",
+        "head": "Head",
+        "left_shoulder": "LeftArm", "left_elbow": "LeftForeArm", "left_wrist": "LeftHand",
+        "left_hand": "LeftHandIndex1", "left_hand_tip": "LeftHandIndex1_end",
+        "left_thumb": "LThumb_end",
+        "right_shoulder": "RightArm", "right_elbow": "RightForeArm", "right_wrist": "RightHand",
+        "right_hand": "RightHandIndex1", "right_hand_tip": "RightHandIndex1_end",
+        "right_thumb": "RThumb_end",
+        "left_hip": "LeftUpLeg", "left_knee": "LeftLeg", "left_ankle": "LeftFoot",
+        "left_foot": "LeftToeBase", "right_hip": "RightUpLeg", "right_knee": "RightLeg",
+        "right_ankle": "RightFoot", "right_foot": "RightToeBase"}),
+}
+# NTU joints every map must give (neck or head: at least one of the two).
+BVH_REQUIRED = ["spine_base", "left_shoulder", "left_elbow", "left_wrist", "right_shoulder",
+                "right_elbow", "right_wrist", "left_hip", "left_knee", "left_ankle", "right_hip",
+                "right_knee", "right_ankle"]
+# The one rule for NTU joints a map does not give, applied in this order, each only when the joint
+# is missing: joint = a + t * (a - b) (t < 0 interpolates between a and b, t > 0 extends the bone
+# b -> a by t times its length). The factors follow the proportions of an adult Kinect skeleton;
+# hand tips and thumbs continue the forearm line (a BVH without finger joints has no palm
+# direction to place a thumb by).
+BVH_FILL = [
+    ("spine_shoulder", "left_shoulder", "right_shoulder", -0.5),   # between the shoulders
+    ("spine_mid", "spine_base", "spine_shoulder", -0.5),           # halfway up the spine
+    ("neck", "spine_shoulder", "head", -1 / 3),                    # a third of the way to the head
+    ("head", "neck", "spine_shoulder", 2.0),                       # neck-head = 2 x shoulder-neck
+    ("left_hand", "left_wrist", "left_elbow", 0.28),               # 7 cm past a 25 cm forearm
+    ("right_hand", "right_wrist", "right_elbow", 0.28),
+    ("left_hand_tip", "left_hand", "left_wrist", 1.0),
+    ("right_hand_tip", "right_hand", "right_wrist", 1.0),
+    ("left_thumb", "left_hand", "left_wrist", 0.5),
+    ("right_thumb", "right_hand", "right_wrist", 0.5),
+    ("left_foot", "left_ankle", "left_knee", 0.12),                # below the ankle
+    ("right_foot", "right_ankle", "right_knee", 0.12),
+]
+BVH_FPS = 30.0
+
+
+def read_joint_map(path) -> dict:
+    """A --joint_map file: one 'ntu_joint bvh_joint' pair per line (NTU names as in
+    common.JOINT_NAMES; the BVH name is the rest of the line, '<joint>_end' for an End Site);
+    blank lines and '#' comments are ignored."""
+    from common import JOINT_NAMES
+    out = {}
+    for k, line in enumerate(_read_text(Path(path))):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        tok = line.split(None, 1)
+        if len(tok) != 2:
+            raise _bad(path, k + 1, "expected 'ntu_joint bvh_joint'")
+        if tok[0] not in JOINT_NAMES:
+            raise _bad(path, k + 1, f"{tok[0]!r} is not an NTU joint name "
+                                    f"({', '.join(JOINT_NAMES)})")
+        if tok[0] in out:
+            raise _bad(path, k + 1, f"{tok[0]!r} mapped twice")
+        out[tok[0]] = tok[1].strip()
+    return out
+
+
+def check_joint_map(jmap: dict, where: str) -> None:
+    missing = [n for n in BVH_REQUIRED if n not in jmap]
+    if "neck" not in jmap and "head" not in jmap:
+        missing.append("neck or head")
+    if missing:
+        raise UserError(f"{where}: the joint map lacks {', '.join(missing)} (no rule fills them)")
+
+
+def detect_preset(names: list, path) -> str:
+    """The preset whose BVH joint names all occur in `names`."""
+    for preset, (_, jmap) in BVH_PRESETS.items():
+        if set(jmap.values()) <= set(names):
+            return preset
+    raise UserError(f"{path}: its joint names match no preset ({', '.join(BVH_PRESETS)}): pass "
+                    "--joint_map FILE (lines 'ntu_joint bvh_joint') and --bvh_scale")
+
+
+def _detect_in(files: list, skip_bad: bool) -> str:
+    """The preset of the first readable file (with --skip_bad, unreadable ones are passed over;
+    the conversion lists them)."""
+    for f in files:
+        try:
+            return detect_preset(read_bvh(f).names, f)
+        except UserError:
+            if not skip_bad or f == files[-1]:
+                raise
+    raise UserError("no .bvh files")
+
+
+def bvh_to_ntu(pos: np.ndarray, names: list, jmap: dict, scale: float, path="") -> np.ndarray:
+    """(F, J, 3) BVH positions (file units, Y up) -> (F, 25, 3) NTU joints in metres in camera-like
+    axes: x' = -x, y' = y, z' = -z (a half turn about the vertical, no mirror), so a subject facing
+    +z in the file faces the camera, its left side at smaller x like NTU's Kinect skeletons."""
+    from common import JOINT_NAMES
+    index = {n: i for i, n in enumerate(names)}
+    out = np.full((len(pos), 25, 3), np.nan)
+    for ntu, src in jmap.items():
+        if src not in index:
+            raise UserError(f"{path}: no joint {src!r} (the joint map's {ntu})")
+        out[:, JOINT_NAMES.index(ntu)] = pos[:, index[src]]
+    for joint, a, b, t in BVH_FILL:
+        j, a, b = (JOINT_NAMES.index(n) for n in (joint, a, b))
+        if np.isnan(out[:, j]).all():
+            out[:, j] = out[:, a] + t * (out[:, a] - out[:, b])
+    return out * (scale * np.array([-1.0, 1.0, -1.0]))
+
+
+def resample(x: np.ndarray, frame_time: float, fps: float = BVH_FPS) -> np.ndarray:
+    """(F, ...) frames at 1 / frame_time Hz -> frames at `fps` by linear interpolation in time,
+    covering the same duration (frame k at time k / fps). A rate within 0.1% of a whole number is
+    taken as that number (files write Frame Time rounded: 0.0083333 for 120 Hz)."""
+    src = 1.0 / frame_time
+    if abs(src - round(src)) <= 1e-3 * src:
+        src = float(round(src))
+    ratio = fps / src
+    if ratio == 1.0 or len(x) < 2:
+        return x
+    n = int(math.floor((len(x) - 1) * ratio + 1e-6)) + 1
+    u = np.minimum(np.arange(n) / ratio, len(x) - 1)                   # source frame positions
+    lo = np.minimum(np.floor(u).astype(np.int64), len(x) - 2)
+    w = (u - lo).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x[lo] * (1 - w) + x[lo + 1] * w
+
+
+def load_bvh_ntu(path, jmap: dict, scale: float) -> np.ndarray:
+    """A .bvh file -> (F', 25, 3) float64 NTU joints in metres at 30 fps."""
+    clip = read_bvh(path)
+    return resample(bvh_to_ntu(bvh_positions(clip), clip.names, jmap, scale, path),
+                    clip.frame_time)
+
+
+def _bvh_job(job: tuple) -> tuple:
+    """Worker: one .bvh file -> (status, its first T frames (n, 25, 3) float32 or None, msg)."""
+    path, jmap, scale, T = job
+    try:
+        xyz = load_bvh_ntu(path, jmap, scale)
+    except UserError as e:
+        return "bad", None, str(e)
+    if len(xyz) == 0:
+        return "empty", None, f"{path}: no frames"
+    return "ok", xyz[:T].astype(np.float32), ""
+
+
+def gendata_bvh(files: list, out: Path, labels, member: dict, jmap: dict, scale: float,
+                z_align: bool = True, skip_bad: bool = False, workers: int = 2, T: int = T_REAL,
+                quiet: bool = False, desc: str = "bvh", chunk: int = 128
+                ) -> tuple[dict, list, np.ndarray]:
+    """.bvh `files` -> the processed layout in `out`/<split>/ (body 0 = the mocap subject, body 1
+    empty; first T frames kept, num_frame clamped to T; pre_normalization).
+    -> (sizes, report lines of skipped files, kept mask)."""
+    writer = _LayoutWriter(out, [Path(f).name for f in files], labels, member, T)
+    keep = np.ones(len(files), dtype=bool)
+    report: list[str] = []
+    jobs = [(str(f), jmap, scale, T) for f in files]
+    blocks = [range(s, min(s + chunk, len(jobs))) for s in range(0, len(jobs), chunk)]
+    pool = None
+    if workers > 1 and len(blocks) > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    bar = _progress(None, len(jobs), desc, quiet)
+    try:
+        # the workers parse block b+1 while this process normalises and writes block b: at most two
+        # blocks of clips are in memory at any time
+        pending = pool.map_async(_bvh_job, [jobs[i] for i in blocks[0]], chunksize=8) \
+            if pool else None
+        for b, block in enumerate(blocks):
+            results = pending.get() if pool else [_bvh_job(jobs[i]) for i in block]
+            if pool and b + 1 < len(blocks):
+                pending = pool.map_async(_bvh_job, [jobs[i] for i in blocks[b + 1]], chunksize=8)
+            buf, g, nf = [], [], []
+            for i, (status, xyz, msg) in zip(block, results):
+                if status == "bad" and not skip_bad:
+                    raise UserError(msg + " (use --skip_bad to skip such files)")
+                if status != "ok":
+                    keep[i] = False
+                    report.append(f"{status}: {msg}")
+                    continue
+                sample = np.zeros((MAX_BODY, T, 25, 3), dtype=np.float32)   # body 1 stays empty
+                sample[0, :len(xyz)] = xyz
+                buf.append(sample)
+                g.append(i)
+                nf.append(len(xyz))
+            if buf:
+                writer.put(np.array(g), pre_normalization(np.stack(buf), z_align), np.array(nf))
+            if bar is not None:
+                bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool:
+            pool.terminate()
+    if not keep.any():
+        raise UserError(f"no usable clip among {len(files)} .bvh files")
+    return writer.close(keep), report, keep
+
+
+# Bandai-Namco-Research-Motiondataset-2: classes in the order of its cfg/content_label.txt (the
+# 'content' id of each clip's .json), styles as cfg/style_label.txt.
+BANDAI_CLASSES = ["walk", "walk-turn-left", "walk-turn-right", "run", "wave-both-hands",
+                  "wave-left-hand", "wave-right-hand", "raise-up-both-hands", "raise-up-left-hand",
+                  "raise-up-right-hand"]
+BANDAI_STYLES = ["active", "elderly", "exhausted", "feminine", "masculine", "normal", "youthful"]
+BANDAI_TEST_STYLES = ("elderly", "youthful")   # xstyle: tested on styles never seen in training
+BANDAI_TEST_TAKE = 5                           # xtake: takes numbered 5, 10, 15, ... are tested
+BANDAI_SUBDIR = Path("dataset") / "Bandai-Namco-Research-Motiondataset-2" / "data"
+
+
+def bandai_fields(name: str) -> tuple[int, str, int] | None:
+    """'dataset-2_<class>_<style>_<take>.bvh' -> (class index, style, take), None otherwise."""
+    parts = name[:-4].split("_") if name.endswith(".bvh") else []
+    if len(parts) != 4 or parts[0] != "dataset-2" or parts[1] not in BANDAI_CLASSES or \
+            parts[2] not in BANDAI_STYLES or not parts[3].isdigit():
+        return None
+    return BANDAI_CLASSES.index(parts[1]), parts[2], int(parts[3])
+
+
+def _bandai_files(raw: Path) -> tuple[Path, list[str]]:
+    """The folder of dataset-2's .bvh files: the cloned repository, its dataset-2 folder or the
+    data folder itself."""
+    _list_dir(raw, "--raw_dir")
+    for d in (raw / BANDAI_SUBDIR, raw / "data", raw):
+        if d.is_dir():
+            names = [n for n in _list_dir(d, "--raw_dir") if n.startswith("dataset-2_")
+                     and n.endswith(".bvh")]
+            if names:
+                return d, names
+    zipped = [z for z in (raw / BANDAI_SUBDIR.parent / "data.zip", raw / "data.zip")
+              if z.is_file()]
+    hint = f" (unzip {zipped[0]} first)" if zipped else ""
+    raise UserError(f"--raw_dir {raw}: no dataset-2_*.bvh files in it, in data/ or in "
+                    f"{BANDAI_SUBDIR}/{hint}")
+
+
+def read_bvh_labels(path: Path, raw: Path) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """--labels CSV for --dataset bvh: lines 'file,label,split' (file relative to --raw_dir, label
+    any class name, split train or test; an optional header line 'file,label,split').
+    -> (files, class names (whole numbers first in numeric order, then the others
+    alphabetically), (N,) 1 = train / 0 = test, (N,) class indices into the names)."""
+    rows = []
+    for k, line in enumerate(_read_text(path)):
+        if not line.strip() or (k == 0 and line.replace(" ", "").lower() == "file,label,split"):
+            continue
+        tok = [t.strip() for t in line.rsplit(",", 2)]
+        if len(tok) != 3 or not all(tok):
+            raise _bad(path, k + 1, "expected 'file,label,split'")
+        if tok[2] not in ("train", "test"):
+            raise _bad(path, k + 1, f"split must be train or test, found {tok[2]!r}")
+        rows.append((k + 1, *tok))
+    if not rows:
+        raise UserError(f"--labels {path}: no 'file,label,split' lines")
+    labels = {r[2] for r in rows}
+    classes = sorted(labels, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
+    files, seen = [], {}
+    for ln, f, lab, split in rows:
+        if f in seen:
+            raise _bad(path, ln, f"{f!r} listed twice (first on line {seen[f]})")
+        seen[f] = ln
+        files.append(raw / f)
+    return files, classes, np.array([int(r[3] == "train") for r in rows]), \
+        np.array([classes.index(r[2]) for r in rows])
+
+
+def prepare_bvh(raw_dir, data_dir, dataset: str = "bandai", labels_csv: str = "",
+                joint_map: str = "auto", scale: float = 0.0, z_align: bool = True,
+                skip_bad: bool = False, workers: int = 2, force: bool = False,
+                quiet: bool = False, T: int = T_REAL) -> Path:
+    """`--dataset bandai`: Bandai-Namco-Research-Motiondataset-2 -> <data_dir>/Bandai-Namco-2/
+    {xstyle, xtake}, labels from the file names. `--dataset bvh --labels CSV`: any BVH clips ->
+    <data_dir>/BVH/custom with the CSV's labels and train/test split. The joint map is a preset
+    ('auto' picks the one whose joint names the first file has) or a --joint_map FILE; the scale
+    (metres per file unit) is --bvh_scale, else the preset's."""
+    raw = Path(raw_dir)
+    if dataset == "bandai":
+        folder, names = _bandai_files(raw)
+        files, fields = [], []
+        for n in names:
+            f = bandai_fields(n)
+            if f is None:
+                raise UserError(f"{folder / n}: not a dataset-2_<class>_<style>_<take>.bvh name "
+                                f"with a known class and style")
+            files.append(folder / n)
+            fields.append(f)
+        classes = BANDAI_CLASSES
+        labels = np.array([f[0] for f in fields])
+        member = {"xstyle": np.array([int(f[1] not in BANDAI_TEST_STYLES) for f in fields]),
+                  "xtake": np.array([int(f[2] % BANDAI_TEST_TAKE != 0) for f in fields])}
+    else:
+        if not labels_csv:
+            raise UserError("--dataset bvh needs --labels CSV (lines 'file,label,split')")
+        _list_dir(raw, "--raw_dir")
+        files, classes, side, labels = read_bvh_labels(Path(labels_csv), raw)
+        if len(classes) > DATASETS["bvh"][2]:
+            raise UserError(f"--labels {labels_csv}: {len(classes)} classes, at most "
+                            f"{DATASETS['bvh'][2]} are supported")
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"--labels {labels_csv}: {f} does not exist")
+        member = {DATASETS["bvh"][1][0]: side}
+    if joint_map in BVH_PRESETS or joint_map == "auto":
+        preset = joint_map if joint_map != "auto" else _detect_in(files, skip_bad)
+        preset_scale, jmap = BVH_PRESETS[preset]
+        scale = scale or preset_scale
+        map_desc = preset
+    else:
+        jmap = read_joint_map(Path(joint_map))
+        if not scale:
+            raise UserError(f"--joint_map {joint_map}: give --bvh_scale (metres per file unit, "
+                            "e.g. 0.01 for cm)")
+        map_desc = str(Path(joint_map).resolve())
+    check_joint_map(jmap, f"--joint_map {joint_map}")
+    if scale <= 0:
+        raise UserError(f"--bvh_scale {scale}: must be positive (metres per file unit)")
+    order = sorted(range(len(files)), key=lambda k: str(files[k]))
+    files = [files[k] for k in order]
+    labels = np.asarray(labels)[order]
+    member = {k: v[order] for k, v in member.items()}
+    target = Path(data_dir) / DATASETS[dataset][0]
+    meta = {"dataset": dataset, "z_align": bool(z_align), "frames": T, "fps": BVH_FPS,
+            "files": len(files), "first": files[0].name, "last": files[-1].name,
+            "classes": list(classes), "joint_map": map_desc, "joint_map_entries": jmap,
+            "scale": scale, "skip_bad": bool(skip_bad)}
+    if dataset == "bandai":
+        meta["splits"] = {"xstyle": f"test styles {', '.join(BANDAI_TEST_STYLES)}",
+                          "xtake": f"test takes divisible by {BANDAI_TEST_TAKE}"}
+    if not force and _read_meta(target) == meta:
+        if not quiet:
+            print(f"{target}: already prepared from the same {len(files)} files "
+                  "(--force rebuilds)")
+        return target
+    _check_replaceable(target, force)
+    t0 = time.time()
+
+    def fill(tmp: Path) -> None:
+        sizes, report, keep = gendata_bvh(files, tmp, labels, member, jmap, scale, z_align,
+                                          skip_bad, workers, T, quiet, dataset)
+        if report:
+            (tmp / "skipped.txt").write_text("".join(r + "\n" for r in report))
+        if not quiet:
+            skipped = f"; skipped {len(report)} (listed in {target / 'skipped.txt'})" \
+                if report else ""
+            print(f"{dataset}: {int(keep.sum())} clips from {len(files)} files in "
+                  f"{time.time() - t0:.0f} s (joint map {map_desc}, {scale:g} m per unit)"
+                  f"{skipped}")
+            print(summary(tmp, list(classes)))
+            if dataset == "bandai":
+                kept = [f for f, k in zip(files, keep) if k]
+                styles = [bandai_fields(f.name)[1] for f in kept]
+                print("  style        clips  xstyle")
+                for s in BANDAI_STYLES:
+                    n = styles.count(s)
+                    part = "train" if s not in BANDAI_TEST_STYLES else "val"
+                    print(f"  {s:<12}{n:6d}  {part}")
+
+    _build(target, meta, fill)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
 # Arrays prepared for other repos: CTR-GCN / SGN NTU60_CS.npz
 # ----------------------------------------------------------------------------------------------
 def _npz_member(path: Path, key: str) -> np.ndarray:
@@ -1881,6 +2471,11 @@ def convert_npz(path, data_dir, dataset: str = "ntu60", split: str = "", force: 
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(Args, argv)
+    if (args.joint_map != "auto" or args.bvh_scale) and args.dataset not in ("bandai", "bvh"):
+        raise UserError("--joint_map / --bvh_scale are for --dataset bandai or bvh")
+    if args.labels and args.dataset != "bvh":
+        raise UserError("--labels is for --dataset bvh (bandai's labels come from its file "
+                        "names)")
     if args.dataset.startswith("synthetic"):
         if args.raw_dir or args.from_npz:
             raise UserError("--raw_dir / --from_npz are for real datasets, not --dataset "
@@ -1891,6 +2486,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.dataset.startswith("ntu"):
             raise UserError("--from_npz converts NTU arrays: use --dataset ntu60 or ntu120")
         convert_npz(args.from_npz, args.data_dir, args.dataset, args.split, args.force)
+    elif args.dataset in ("bandai", "bvh"):
+        if len(args.raw_dir) != 1:
+            raise UserError(f"--raw_dir: give the one folder of the {args.dataset} .bvh files")
+        prepare_bvh(args.raw_dir[0], args.data_dir, args.dataset, args.labels, args.joint_map,
+                    args.bvh_scale, args.z_align, args.skip_bad, args.workers, args.force)
     elif args.dataset.startswith("ntu"):
         prepare_ntu(args.raw_dir, args.data_dir, args.dataset, args.z_align, args.skip_bad,
                     args.workers, args.force)
