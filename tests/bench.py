@@ -583,15 +583,17 @@ def bench_linear_cache(opts):
         def run(cache, epochs=None):
             argv = ["--ckpt", str(tmp / "usdrl" / "last.pt"), "--device", opts.device,
                     "--cache" if cache else "--no_cache", "--dataset", "synthetic"]
-            args = common.parse_args(evaluate.Args, argv + (["--epochs", str(epochs)] if epochs else []),
-                                     quick=evaluate.QUICK)  # evaluate.main's synthetic defaults
+            with redirect_stderr(io.StringIO()):  # evaluate.main's synthetic defaults, named on stderr
+                args = common.parse_args(evaluate.Args, argv + ["--epochs", str(epochs)] * bool(epochs),
+                                         quick=evaluate.QUICK)
             p = evaluate.protocol(args, ld, "linear", "synthetic", "xsub")
             enc = evaluate.build_encoder(ld, False, args.seed, dev)
             common.seed_everything(args.seed)
             if sync:
                 sync()
             w0, c0 = time.perf_counter(), time.process_time()
-            m, _, _ = evaluate.linear_eval(enc, ld, train, test, p, args, dev)
+            with redirect_stderr(io.StringIO()):  # evaluate's progress bars
+                m, _, _ = evaluate.linear_eval(enc, ld, train, test, p, args, dev)
             if sync:
                 sync()
             return time.perf_counter() - w0, time.process_time() - c0, m, p
