@@ -1550,57 +1550,6 @@ def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: floa
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks (methods.md 2.4, 3A.3)
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed / order (MCC, methods.md 4.1)
-# ----------------------------------------------------------------------------------------------
-def speed_indices(num_frame, start, speed, length: int = 32) -> torch.Tensor:
-    """Frame indices of a clip subsampled with stride `speed` from `start`, looping over the valid
-    frames: idx[n, i] = (start[n] + speed[n] * i) mod num_frame[n] (MCC's S(r, c)).
-
-    num_frame (N,) int; start, speed (N,) or scalars -> (N, length) int64 on num_frame's device."""
-    num_frame = torch.as_tensor(num_frame).long()
-    dev = num_frame.device
-    start = torch.as_tensor(start, device=dev).long().reshape(-1, 1)
-    speed = torch.as_tensor(speed, device=dev).long().reshape(-1, 1)
-    steps = torch.arange(length, device=dev)
-    return (start + speed * steps) % num_frame.clamp(min=1).reshape(-1, 1)
-
-
-def gather_frames(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Per-sample frame selection: x (N, C, T, V, M), idx (N, L) -> (N, C, L, V, M), out[n, :, i] = x[n, :, idx[n, i]]."""
-    N, C, T = x.shape[:3]
-    L = idx.shape[1]
-    base = (torch.arange(N, device=x.device)[:, None, None] * C
-            + torch.arange(C, device=x.device)[None, :, None]) * T                # (N, C, 1)
-    rows = (base + idx.to(x.device)[:, None, :]).reshape(-1)                      # (N*C*L,)
-    return x.reshape(N * C * T, -1).index_select(0, rows).view(N, C, L, *x.shape[3:])
-
-
-def shuffle_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random per-sample permutation of the time axis that is never the identity (MCC's
-    motion-broken clip B(r, c)). Identity draws are redrawn, so the result is uniform over the T!-1
-    other orders; one host sync per call to test for them.
-
-    x (N, C, T, V, M) with T >= 2 -> same.  Draws: rand(N, T), repeated while an identity remains."""
-    N, T, dev = x.shape[0], x.shape[2], x.device
-    if T < 2:
-        raise ValueError(f"shuffle_frames: need at least 2 frames, got T={T}")
-    identity = torch.arange(T, device=dev)
-    perm = torch.rand(N, T, generator=g, device=dev).argsort(dim=1)
-    while True:
-        is_id = (perm == identity).all(dim=1)
-        if not bool(is_id.any()):
-            break
-        redraw = torch.rand(N, T, generator=g, device=dev).argsort(dim=1)
-        perm = torch.where(is_id[:, None], redraw, perm)
-    return gather_frames(x, perm)
-
-
-# ----------------------------------------------------------------------------------------------
 # Modalities (methods.md 0.3)
 # ----------------------------------------------------------------------------------------------
 MODALITIES = ("joint", "bone", "motion")

@@ -1,137 +1,97 @@
-"""MCC: self-supervised skeleton representation learning with motion consistency and continuity.
+"""MCC: Self-supervised 3D Skeleton Action Representation Learning with Motion Consistency and Continuity.
 
-Paper: Su, Lin, Wu, "Self-supervised 3D Skeleton Action Representation Learning with Motion
-Consistency and Continuity", ICCV 2021. No official code was released; the backbone follows ST-GCN
-(yysijie/st-gcn, net/st_gcn.py), and what the paper leaves open is decided in SPEC section 5.
+Paper: Y. Su, G. Lin, Q. Wu, ICCV 2021. No official code; the backbone is ST-GCN
+(https://github.com/yysijie/st-gcn, net/st_gcn.py).
 
-Pretext (per sequence, all on the device): three 32-frame clips with independent random starts at
-playback speeds r in {1, 2, 4, 8} (stride r, looping past the end): base b = S(r_i), positive
-p = S(r_j) with r_j != r_i, negative n = frame-shuffled S(r_i) ("motion-broken"). Losses (weights
-1/1/1): triplet max(0, 0.15 + d(b,p) - d(b,n)); InfoNCE (tau 0.5) of b against the momentum key
-of p and a queue of 65536 keys from earlier batches, leaving out those of b's own sequence (the
-paper's negatives come "from other samples", and K exceeds NTU-60's 40k sequences); and
-interpolation: a decoder maps the encoder map of b and of p to 2x as many frames, target = stride
-r/2 frames (r = 1: the clip twice).
+What is trained: an ST-GCN encoder (no class head) with a projector, an interpolation decoder and a
+momentum key encoder feeding a key queue. Each sequence gives three 32-frame clips with independent
+starts at speeds r in {1, 2, 4, 8} (looping past the end): base S(r_i), positive S(r_j) with
+r_j != r_i, negative = a frame-shuffled S(r_i). Loss (paper Eqs. 1-4, weights 1/1/1): triplet
+(margin 0.15) + InfoNCE of the base against the positive's key and the queue + the interpolation of
+base and positive to twice their frames.
 
-Data: the shared processed arrays (SPEC section 3: 2s-AGCN pre-normalised, centred and aligned),
-not ST-GCN's own NTU arrays of raw camera coordinates (methods.md 4.4), so all four methods train
-and evaluate on the same clips.
-
-Downstream: `Encoder(args)(x)` -> pooled 256-d ST-GCN feature; `dense(x)` -> the ST-GCN map pooled
-over joints and bodies, linearly upsampled to the input length. MCC's own protocol is fine-tuning
-(evaluate.py --task finetune; semi and transfer use the same recipe); `window` = 64 frames, the
-clip evaluate.py feeds every method.
-
-Commands
+Commands (--batch_size is the GLOBAL batch):
   1 GPU:     python mcc.py --dataset ntu60 --split xsub --data_dir data
-  N GPUs:    torchrun --nproc_per_node=4 mcc.py --dataset ntu60 --split xsub   (batch is global)
-  CPU quick: python mcc.py --dataset synthetic
-The quick start (dataset synthetic*) applies QUICK to every flag not given explicitly: an ST-GCN of
-width 8 (8-16-32), batch 32, 4 epochs (lr x0.1 after 3), queue 1024, key momentum 0.99 (0.999 barely
-moves the key encoder in 148 steps), the decoder at the full lr (--decoder_lr_mult 1: stable at
-width 8), the split resident (--data_on_device); the paper run stays the default for every other
-dataset.
-Measured on the shared 2-core CPU with OMP_NUM_THREADS=1 (148 steps, two runs at a time): 206-220 s
-wall; kNN k=1 (evaluate.py --task knn --baseline random --seed s) for seeds 0, 1, 2: 20.4, 16.8,
-13.8 vs random init 19.2, 20.2, 14.5; seed 0: linear (30 epochs) 15.3 vs 5.0 (chance: the
-random-init ST-GCN's eval-mode features are ~1e-7), semi 10% (subset 0) 8.5 vs 13.7. The build
-before the graph aggregation was reordered (float32 rounding only) gave kNN 20.1, 17.8, 16.6 and
-seed 0 semi 6.2 vs 9.6 (the random-init fine-tune moved by 4 points too): rounding-level changes
-move these runs by several points. With that build, semi 10% over labelled subsets 0, 1, 2
-(--seeds 0 1 2), means for seeds 0, 1, 2: 10.3, 10.5, 12.5 vs 9.6, 13.0, 11.2 (all nine runs 11.1 vs
-11.3). So neither kNN nor the 10%-label fine-tuning (evaluate.py --task semi, ST-GCN recipe)
-reliably beats random init. Nor do 16 epochs (--epochs 16 --lr_steps 12, seeds 0 / 1): kNN
-17.9 / 15.1, semi 10% 10.4 / 13.0 against 19.2 / 20.2 and 13.7 / 11.5 (README, "Longer
-pre-training"). With the default 2 threads on a machine loaded by other jobs, OpenMP contention
-made a step cost ~5x the CPU time (6.8 s vs 1.4 s): set OMP_NUM_THREADS=1 there.
-Everything below was measured before the queue's keys of the query's own sequence were masked (38%
-of the quick start's queries in epochs 2-4 had their previous-epoch key among the negatives); kNN
-k=1 was then 21.3, 17.3, 15.9 and semi 10% 9.2 (seed 0, subset 0). Seed 0, 1 thread: at lr 0.1 the
-triplet term stays at its margin (0.15: base, speed-changed and motion-broken clips embed within
-0.03 of each other) and the conv weights grow 2-27x in norm (with --dropout 0; block 1 gcn 0.15 ->
-4.0), which under BatchNorm divides their effective fine-tuning lr; dropout 0.5 on 8-32 channels
-also cripples the random-init fine-tune (9.6 -> 15.7 without it). Variants (semi 10% / kNN k=1,
-random init in parentheses): --dropout 0: 11.4 (15.7) / 20.2 (19.2); --dropout 0 --lr 0.02 (triplet
-0.15 -> 0.01): 14.8 (15.7) / 21.0 (19.2); same, 8 epochs: 14.7 (15.7) / 17.4 (19.2); same, 4 epochs,
-width 16: kNN 20.5 (22.4). --lr 0.02 with dropout 0.5, seeds 0 / 1: 12.5 (9.6) / 15.9 (19.2) and
-13.8 (16.0) / 17.5 (20.2) (the seed-1 run's labelled subset is not recorded; its random-init 16.0
-equals subset 1's below). None adopted. Seed check (training and evaluate.py --seed s): semi 10%,
-labelled subsets 0, 1, 2 (--seeds 0 1 2): seed 0 9.2, 14.8, 11.0 (9.6, 10.0, 9.3), seed 1 9.5, 9.0,
-12.0 (10.3, 16.0, 12.7), seed 2 13.0, 12.2, 12.7 (10.5, 12.4, 10.8); means 11.5 vs 11.3.
-Adam (what made PCM3++'s quick start pass; optimizer line patched to AdamW without weight decay,
-current build), seed 0 kNN k=1: lr 1e-3 16.6, lr 3e-4 15.8 (random init 19.2). Not adopted.
-Pretext check on the shipped seed-0 quick start (current build): in eval mode its pooled
-features retrieve each val sequence's speed-changed positive among 1,200 at 17.1% / 18.2% (two
-clip draws) vs 29.6% / 18.5% for random init, and put the positive closer than the motion-broken
-negative for 37-41% of sequences (random init 48-57%); in train mode the projector embeds base,
-positive and negative within 0.087 of each other (triplet 0.156 ~ its margin). At lr 0.1 the
-quick start does not learn its own pretext; --dropout 0 --lr 0.02 does (above) and still ties
-(current build, seeds 0 / 1: kNN k=1 19.2 / 20.4 vs random init 19.2 / 20.2).
+  N GPUs:    torchrun --nproc_per_node 4 mcc.py --dataset ntu60 --split xsub --data_dir data
+  CPU quick: python mcc.py --dataset synthetic        (the QUICK config; --quick on any dataset)
+  evaluate:  python evaluate.py --ckpt out/mcc_synthetic_xsub/last.pt --task finetune (MCC's protocol)
+  resume with --resume; other streams with --modality bone|motion.
+Data: the shared z-aligned arrays (python data_prep.py ...), not ST-GCN's raw camera coordinates.
+
+Deviations from the paper (where it is silent, our choice):
+  - triplet with the standard sign max(0, m + d(b,p) - d(b,n)) (Eq. 1 as printed pushes p away);
+  - InfoNCE on cosine similarities of L2-normalised projections (Eq. 2 prints a distance);
+  - a momentum key encoder fills the queue; K = 65536 (the paper prints 6536);
+  - queued keys of the query's own sequence are left out of its negatives ("from other samples");
+  - decoder: 4 ST-GCN blocks with linear temporal upsampling and a 1x1 map to xyz (its details are in
+    an unavailable supplement); it trains at lr * --decoder_lr_mult;
+  - no dropout in pre-training (not stated; ST-GCN's 0.5 is --finetune_dropout, for evaluate.py);
+  - the last incomplete batch of an epoch is dropped.
 """
-import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 from common import arg
 
 METHOD = "mcc"
+PROTOCOL = "mcc"  # evaluate.py's protocol defaults (a fork keeps it)
+Z_ALIGN = True  # the shared arrays are z-aligned (MCC released no code of its own)
 
 
 @dataclass
 class Args:
-    dataset: str = arg("ntu60", "dataset (ntu60, ntu120, pku1, pku2, synthetic, synthetic_ext)")
-    split: str = arg("xsub", "benchmark split (xsub, xview, xsetup)")
+    """MCC pre-training. Defaults = the paper's NTU-60 xsub run with ST-GCN's NTU recipe."""
+    dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
+    split: str = arg("xsub", "benchmark split: xsub, xview (ntu60, pku2), xsetup (ntu120)")
     data_dir: str = arg("data", "root folder of the processed datasets")
-    out_dir: str = arg("", "output folder (default out/mcc_<dataset>_<split>)")
-    modality: str = arg("joint", "input stream: joint, bone or motion (computed per clip)")
-    epochs: int = arg(80, "pre-training epochs (ST-GCN's NTU recipe, which MCC follows)")
-    lr_steps: list = arg([10, 50], "epochs at which the lr is multiplied by 0.1 (ST-GCN NTU)")
-    batch_size: int = arg(64, "global batch size (sequences; each gives 3 clips)")
-    lr: float = arg(0.1, "base learning rate of SGD")
-    momentum: float = arg(0.9, "SGD momentum")
-    nesterov: bool = arg(True, "Nesterov momentum (as ST-GCN's processor)")
-    weight_decay: float = arg(1e-4, "SGD weight decay on every parameter")
+    out_dir: str = arg("", "output folder; empty: out/mcc_<dataset>_<split>")
+    modality: str = arg("joint", "input stream, computed per clip", choices=["joint", "bone", "motion"])
     clip_len: int = arg(32, "frames per pre-training clip (paper: 32)")
-    speeds: list = arg([1, 2, 4, 8], "playback speeds (frame strides) of the clips")
+    speeds: list[int] = arg([1, 2, 4, 8], "playback speeds (frame strides) of the clips")
     interp_rate: int = arg(2, "interpolation rate l: the decoder outputs l * clip_len frames")
-    margin: float = arg(0.15, "triplet margin gamma")
-    tau: float = arg(0.5, "InfoNCE temperature")
-    queue_size: int = arg(65536, "MoCo queue length K (paper prints 6536, read as 65536)")
-    key_momentum: float = arg(0.999, "momentum of the key encoder (MoCo default)")
-    proj_dim: int = arg(128, "dimension of the L2-normalised projection used by triplet and NCE")
+    margin: float = arg(0.15, "triplet margin gamma (paper Eq. 1)")
+    temperature: float = arg(0.5, "InfoNCE temperature (paper Eq. 2)")
+    queue_size: int = arg(65536, "key queue length K (the paper prints 6536)")
+    key_momentum: float = arg(0.999, "momentum of the key encoder (MoCo's)")
+    proj_dim: int = arg(128, "width of the L2-normalised projection used by triplet and InfoNCE")
     w_triplet: float = arg(1.0, "weight lambda_1 of the triplet loss")
     w_nce: float = arg(1.0, "weight lambda_2 of the InfoNCE loss")
     w_itep: float = arg(1.0, "weight lambda_3 of the interpolation loss")
-    decoder_lr_mult: float = arg(0.1, "lr multiplier of the interpolation decoder (ours, not the "
-                                 "paper's: our SPEC-5 decoder's read-out diverges within 3 "
-                                 "steps at width 64 and lr 0.1, see param_groups)")
+    decoder_lr_mult: float = arg(0.1, "lr multiplier of the interpolation decoder (ours: its read-out "
+                                 "diverges at lr 0.1 and width 64)")
     base_width: int = arg(64, "ST-GCN width: blocks are w x4, 2w x3, 4w x3 (paper 64)")
-    dropout: float = arg(0.5, "dropout of ST-GCN blocks 2-10 (ST-GCN NTU config)")
+    dropout: float = arg(0.0, "dropout of ST-GCN blocks 2-10 in pre-training (the paper states none)")
+    finetune_dropout: float = arg(0.5, "encoder dropout when evaluate.py fine-tunes it (ST-GCN NTU)")
     window: int = arg(64, "frames per clip the encoder takes downstream (evaluate.py's crop)")
-    seed: int = arg(0, "random seed (weights, data order, clip sampling)")
+    epochs: int = arg(80, "training epochs (ST-GCN's NTU recipe, which MCC follows)")
+    batch_size: int = arg(64, "global batch size (sequences, 3 clips each; split over torchrun processes)")
+    lr: float = arg(0.1, "SGD learning rate")
+    momentum: float = arg(0.9, "SGD momentum")
+    nesterov: bool = arg(True, "Nesterov momentum (ST-GCN's processor)")
+    weight_decay: float = arg(1e-4, "SGD weight decay on every parameter")
+    lr_steps: list[int] = arg([10, 50], "epochs at which the learning rate is multiplied by 0.1")
+    seed: int = arg(0, "random seed (weights, shuffling, clip sampling)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = arg("auto", "autocast dtype: auto (bf16 on CUDA, off on CPU), fp32, bf16, fp16")
+    dtype: str = arg("fp32", "precision: fp32 as the paper's run; bf16 autocast, fp16 = autocast + "
+                     "GradScaler on CUDA (fp32 on CPU)", choices=["fp32", "bf16", "fp16"])
     compile: bool = arg(False, "torch.compile the model")
     resume: bool = arg(False, "continue from <out_dir>/last.pt")
-    num_workers: int = arg(0, "background threads reading batches from the memory map (unused "
-                           "with --data_on_device)")
-    log_every: int = arg(50, "log one line every this many steps")
-    save_every: int = arg(10, "write last.pt every this many epochs (and at the end)")
+    overwrite: bool = arg(False, "start again in an --out_dir that holds a run (its files are removed)")
+    quick: bool = arg(False, "apply the QUICK config (automatic on synthetic* datasets)")
+    allow_data_mismatch: bool = arg(False, "accept data prepared unlike the official run (z-alignment)")
+    num_workers: int = arg(0, "data-loading worker threads")
+    log_every: int = arg(50, "log a line every this many steps")
+    save_every: int = arg(10, "write <out_dir>/last.pt every this many epochs (and at the end)")
     data_on_device: bool = arg(False, "keep the whole training split on the device")
-    deterministic: bool = arg(False, "deterministic algorithms (for exact CPU reproducibility)")
 
 
-# Quick-start config for the synthetic datasets (applied to flags not given on the command line).
-QUICK = dict(epochs=4, lr_steps=[3], batch_size=32, base_width=8, queue_size=1024,
-             key_momentum=0.99, decoder_lr_mult=1.0, log_every=10, save_every=1,
-             data_on_device=True)
+# The CPU quick start (--quick; automatic on synthetic*); lr 0.02: at 0.1 the triplet stalls at its margin.
+QUICK = dict(base_width=8, queue_size=1024, key_momentum=0.99, decoder_lr_mult=1.0, batch_size=32,
+             epochs=4, lr=0.02, lr_steps=[3], log_every=10, save_every=1, data_on_device=True)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -158,10 +118,8 @@ class STGCNBlock(nn.Module):
         res = 0 if self.residual is None else self.residual(x)
         y = self.gcn(x)
         n, kc, t, v = y.shape
-        # sum_k y_k @ A_k (ST-GCN's einsum "nkctv,kvw->nctw") as one batched matmul of the
-        # (C*T, V) slices of y by their subset's A_k, then the sum over k: no permuted copy of y
-        # (the einsum's bmm and a single (k, v)-contraction both need one); forward + backward of
-        # the aggregation ~25% faster on CPU at widths 64-256, equal at the quick width 8.
+        # sum_k y_k @ A_k (ST-GCN's einsum "nkctv,kvw->nctw") as one batched matmul of the (C*T, V)
+        # slices of y by their subset's A_k, then the sum over k: no permuted copy of y
         y = torch.matmul(y.view(n, self.k, kc // self.k * t, v), a.to(y.dtype)[None]).sum(1)
         return F.relu(self.tcn(y.view(n, kc // self.k, t, v)) + res)
 
@@ -180,7 +138,9 @@ def stgcn_init(module):
 
 class Encoder(nn.Module):
     """ST-GCN backbone without head: per-body data BN, 10 blocks (w x4, 2w x3 stride 2 first,
-    4w x3 stride 2 first), spatial partition (K=3) with learnable edge importance per block."""
+    4w x3 stride 2 first), spatial partition (K=3) with learnable edge importance per block.
+    dropout: that of blocks 2-10, default args.dropout (pre-training); fine-tuning passes
+    args.finetune_dropout."""
 
     def __init__(self, args, dropout=None):
         super().__init__()
@@ -222,9 +182,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """SPEC 5: 4 ST-GCN blocks 4w -> 2w -> w -> w; the first three upsample time x2 (linear) so
-    the T/4 encoder map reaches interp_rate * clip_len frames; a 1x1 conv maps to 3 coordinates.
-    (The paper's decoder details are in an unavailable supplement.)"""
+    """4 ST-GCN blocks 4w -> 2w -> w -> w; the first three upsample time x2 (linear) so the T/4
+    encoder map reaches interp_rate * clip_len frames; a 1x1 conv maps to 3 coordinates (paper 3.2:
+    4 spatial-temporal blocks and a deconvolution, details in an unavailable supplement)."""
 
     def __init__(self, args, a):
         super().__init__()
@@ -273,10 +233,8 @@ class Model(nn.Module):
         queue = F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        # Sample index of each queued key (-1: an initial random vector). The paper draws the
-        # negatives "from other samples", but a queue holds a sample's key of the previous epoch
-        # whenever fewer than K keys were enqueued since: always for K = 65536 on NTU-60 xsub
-        # (40k clips) or PKU-MMD II (5k), often for the quick start (1024 of 1,184 per epoch).
+        # Sample index of each queued key (-1: an initial random vector): a queue longer than the
+        # keys of one epoch holds a sequence's own key of an earlier epoch (K = 65536 on NTU-60)
         self.register_buffer("queue_ids", torch.full((args.queue_size,), -1, dtype=torch.long))
 
     def forward(self, clips, keys):
@@ -307,20 +265,20 @@ class Model(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ loss
-def mcc_losses(z, k, queue, rec, target, margin, tau, own=None):
+def mcc_losses(z, k, queue, rec, target, margin, temperature, own=None):
     """z (3B, P) unit embeddings of [b; p; n], k (B, P) unit keys of p, queue (K, P), rec/target
     (2B, 3, T', V, M), own (B, K) bool or None: queued keys of the query's own sequence, left out
     of its negatives. Returns the three loss terms in fp32."""
     zb, zp, zn = z.float().chunk(3)
-    # Eq. 1 with the standard sign (SPEC 5): pull the positive, push the motion-broken clip
+    # Eq. 1 with the standard sign: pull the positive, push the motion-broken clip
     d_pos, d_neg = (zb - zp).norm(dim=1), (zb - zn).norm(dim=1)
     triplet = F.relu(margin + d_pos - d_neg).mean()
-    # Eq. 2 with cosine similarity in place of the printed distance (sign fix, SPEC 5)
+    # Eq. 2 with cosine similarity in place of the printed distance
     l_pos = (zb * k.float()).sum(dim=1, keepdim=True)
     l_neg = zb @ queue.float().t()                                              # (B, K)
     if own is not None:
         l_neg = l_neg.masked_fill(own, float("-inf"))
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     nce = F.cross_entropy(logits, torch.zeros(zb.size(0), dtype=torch.long, device=z.device))
     # Eq. 3: squared error summed over xyz, averaged over joints, frames (and bodies, samples)
     itep = (rec.float() - target.float()).pow(2).sum(dim=1).mean()
@@ -328,52 +286,80 @@ def mcc_losses(z, k, queue, rec, target, margin, tau, own=None):
 
 
 # ----------------------------------------------------------------------------------------- views
-def make_views(x, num_frame, g, args, rank=0, world_size=1):
-    """Builds the MCC clips of a batch on x's device (no per-sample Python loop).
+def speed_indices(num_frame, start, speed, length=32):
+    """Frame indices of S(r, c): stride `speed` from `start`, looping over the valid frames,
+    idx[n, i] = (start[n] + speed[n] * i) mod num_frame[n] (paper 3.1).
+    num_frame (N,) int; start, speed (N,) or scalars -> (N, length) int64 on num_frame's device."""
+    num_frame = torch.as_tensor(num_frame).long()
+    dev = num_frame.device
+    start = torch.as_tensor(start, device=dev).long().reshape(-1, 1)
+    speed = torch.as_tensor(speed, device=dev).long().reshape(-1, 1)
+    return (start + speed * torch.arange(length, device=dev)) % num_frame.clamp(min=1).reshape(-1, 1)
 
-    x (B, C, T, V, M) raw sequences, num_frame (B,). Random draws are made for the GLOBAL batch
-    (B * world_size, same generator state on every rank) and this rank's rows are kept, so every
-    sample gets the same clips whatever the number of processes. Returns base, pos, neg
-    (B, C, L, V, M), target (2B, C, l*L, V, M) for [base; pos] and the drawn parameters."""
+
+def gather_frames(x, idx):
+    """x (N, C, T, V, M), idx (N, L) -> (N, C, L, V, M) with out[n, :, i] = x[n, :, idx[n, i]]."""
+    N, C, T = x.shape[:3]
+    base = (torch.arange(N, device=x.device)[:, None, None] * C
+            + torch.arange(C, device=x.device)[None, :, None]) * T                # (N, C, 1)
+    rows = (base + idx.to(x.device)[:, None, :]).reshape(-1)                      # (N*C*L,)
+    return x.reshape(N * C * T, -1).index_select(0, rows).view(N, C, idx.shape[1], *x.shape[3:])
+
+
+def shuffled_orders(n, length, g, device):
+    """(n, length) random frame orders, never the identity (the motion-broken B(r, c)): identity
+    draws are redrawn, so each row is uniform over the length! - 1 other orders."""
+    if length < 2:
+        raise ValueError(f"shuffled_orders: need at least 2 frames, got {length}")
+    identity = torch.arange(length, device=device)
+    perm = torch.rand(n, length, generator=g, device=device).argsort(dim=1)
+    while True:
+        is_id = (perm == identity).all(dim=1)
+        if not bool(is_id.any()):
+            return perm
+        redraw = torch.rand(n, length, generator=g, device=device).argsort(dim=1)
+        perm = torch.where(is_id[:, None], redraw, perm)
+
+
+def interp_indices(num_frame, start, speed, length, rate):
+    """Ground truth of the rate-l interpolation of S(r): stride r/l from the same start (l*length
+    frames); for r = 1 the clip itself repeated l times and concatenated (paper 3.2)."""
+    dense = speed_indices(num_frame, start, (speed // rate).clamp(min=1), rate * length)
+    tiled = speed_indices(num_frame, start, speed, length).repeat(1, rate)
+    return torch.where((speed == 1)[:, None], tiled, dense)
+
+
+def make_views(x, num_frame, g, args, rank=0, world_size=1):
+    """x (b, 3, T_raw, V, M) raw clips on the device -> {"clips": (3b, 3, L, V, M) [base; positive;
+    negative], "target": (2b, 3, l*L, V, M) interpolation targets of [base; positive], and the draws
+    "start" (b, 3), "r_i", "r_j" (b,), "perm" (b, L)}. The draws are made for the GLOBAL batch
+    (b * world_size rows, the same generator state on every rank) and this rank's rows are kept, so a
+    sample gets the same clips under any number of processes."""
     b, dev, L, l = x.size(0), x.device, args.clip_len, args.interp_rate
     rows = slice(rank * b, (rank + 1) * b)
     gb, speeds = b * world_size, torch.tensor(args.speeds, device=dev)
     u = torch.rand(gb, 3, generator=g, device=dev)[rows]  # start fractions of c_i, c_j, c_k
     si = torch.randint(len(speeds), (gb,), generator=g, device=dev)[rows]
     sj = (si + torch.randint(1, len(speeds), (gb,), generator=g, device=dev)[rows]) % len(speeds)
-    # B(.): common.shuffle_frames (uniform over the non-identity orders) applied to the frame
-    # positions 0..L-1 of the global batch gives the permutations; shuffling indices, not clips
-    positions = torch.arange(L, device=dev, dtype=torch.float).view(1, 1, L, 1, 1)
-    perm = common.shuffle_frames(positions.expand(gb, 1, L, 1, 1), g)[rows].reshape(b, L).long()
+    perm = shuffled_orders(gb, L, g, dev)[rows]
     r_i, r_j = speeds[si], speeds[sj]
-    start = (u * num_frame[:, None]).long().clamp(max=num_frame[:, None] - 1)  # (B, 3)
-    idx_b = common.speed_indices(num_frame, start[:, 0], r_i, L)
-    idx_p = common.speed_indices(num_frame, start[:, 1], r_j, L)
-    idx_n = common.speed_indices(num_frame, start[:, 2], r_i, L).gather(1, perm)
+    start = (u * num_frame[:, None]).long().clamp(max=num_frame[:, None] - 1)  # (b, 3)
+    idx_b = speed_indices(num_frame, start[:, 0], r_i, L)
+    idx_p = speed_indices(num_frame, start[:, 1], r_j, L)
+    idx_n = speed_indices(num_frame, start[:, 2], r_i, L).gather(1, perm)
     tgt = [interp_indices(num_frame, start[:, i], r, L, l) for i, r in [(0, r_i), (1, r_j)]]
-    frames = common.gather_frames(x, torch.cat([idx_b, idx_p, idx_n] + tgt, dim=1))
-    base, pos, neg, t_b, t_p = frames.split([L, L, L, l * L, l * L], dim=2)
-    base, pos, neg, t_b, t_p = (common.to_modality(c.contiguous(), args.modality)
-                                for c in (base, pos, neg, t_b, t_p))
-    info = {"start": start, "r_i": r_i, "r_j": r_j, "perm": perm}
-    return base, pos, neg, torch.cat([t_b, t_p]), info
+    frames = gather_frames(x, torch.cat([idx_b, idx_p, idx_n] + tgt, dim=1))
+    clips, target = frames.split([3 * L, 2 * l * L], dim=2)  # (b, 3, 3L, V, M), (b, 3, 2lL, V, M)
+    # the modality of each clip, as ST-GCN computes it on its input
+    clips = common.to_modality(torch.cat(clips.split(L, dim=2)), args.modality)
+    target = common.to_modality(torch.cat(target.split(l * L, dim=2)), args.modality)
+    return {"clips": clips, "target": target, "start": start, "r_i": r_i, "r_j": r_j, "perm": perm}
 
 
-def interp_indices(num_frame, start, speed, length, rate):
-    """Ground truth of the rate-l interpolation of S(r): stride r/l from the same start (l*length
-    frames); for r = 1 the clip itself repeated l times and concatenated (paper 3.2)."""
-    dense = common.speed_indices(num_frame, start, (speed // rate).clamp(min=1), rate * length)
-    tiled = common.speed_indices(num_frame, start, speed, length).repeat(1, rate)
-    return torch.where((speed == 1)[:, None], tiled, dense)
-
-
-# ------------------------------------------------------------------------------------------ main
+# ----------------------------------------------------------------------------------- optimization
 def param_groups(model, args):
-    """SGD groups: encoder + projector at the lr, the decoder at lr * decoder_lr_mult. Its linear
-    read-out regresses coordinates from w ReLU features, whose second moment grows with the width:
-    at the paper width (64), lr 0.1 and Nesterov 0.9 the interpolation loss measured 0.36 -> 31 ->
-    1e4 -> 1e9 -> 1e25 -> NaN in 6 steps on the synthetic data (batch 8); with 0.1 it fell to 0.14
-    in 20 steps. Width 8 (the quick start) is stable at 1.0."""
+    """SGD groups: encoder + projector at the lr, the decoder at lr * decoder_lr_mult (its linear
+    read-out regresses coordinates from w ReLU features, whose second moment grows with the width)."""
     dec = [p for p in model.decoder.parameters() if p.requires_grad]
     ids = {id(p) for p in dec}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
@@ -382,141 +368,112 @@ def param_groups(model, args):
 
 
 def make_optimizer(model, args):
-    """SGD (Nesterov by default) over param_groups (tests/bench.py uses it too)."""
+    """ST-GCN's optimizer: SGD (Nesterov by default) over param_groups."""
     return torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
                            nesterov=args.nesterov, weight_decay=args.weight_decay)
 
 
-def train_step(model, net, opt, scaler, base, pos, neg, target, ids, args):
-    """One step on this rank's clips (B, C, L, V, M) and sample indices ids (B,): momentum update,
+def train_step(model, net, opt, scaler, views, ids, args):
+    """One optimizer step on this rank's views and sample indices ids (b,): momentum update,
     forward, the three losses (queued keys of the same sequences left out of the negatives), SGD
-    step, then the global batch's keys and indices enqueued. Returns the detached (loss, triplet,
-    nce, itep). `net` is `model`, possibly wrapped by DDP / torch.compile."""
+    step, then the GLOBAL batch's keys and indices enqueued."""
     model.momentum_update(args.key_momentum)
-    with common.autocast(base.device, args.dtype):
-        z, rec, k = net(torch.cat([base, pos, neg]), pos)
-    own = model.queue_ids[None] == ids[:, None]                                  # (B, K)
-    terms = mcc_losses(z, k, model.queue, rec, target, args.margin, args.tau, own)
-    loss = (args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"]
-            + args.w_itep * terms["itep"])
+    clips = views["clips"]
+    with common.autocast(clips.device, args.dtype):
+        z, rec, k = net(clips, clips[len(ids):2 * len(ids)])  # keys of the positives
+    own = model.queue_ids[None] == ids[:, None]                                  # (b, K)
+    terms = mcc_losses(z, k, model.queue, rec, views["target"], args.margin, args.temperature, own)
+    loss = args.w_triplet * terms["triplet"] + args.w_nce * terms["nce"] + args.w_itep * terms["itep"]
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
     model.enqueue(common.gather_nograd(k.detach().float()), common.gather_nograd(ids))
-    return torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+    return {"loss": loss.detach(), **{n: v.detach() for n, v in terms.items()}}
 
 
+# ------------------------------------------------------------------------------------------ main
 def check_args(args):
-    if args.modality not in ("joint", "bone", "motion"):
-        raise common.UserError(f"--modality {args.modality!r}: expected joint, bone or motion")
     if len(set(args.speeds)) < len(args.speeds) or len(args.speeds) < 2 or min(args.speeds) < 1:
         raise common.UserError(f"--speeds {args.speeds}: need at least two distinct positive "
                                f"speeds (the positive's speed differs from the base's)")
     if args.interp_rate < 1 or any(r != 1 and r % args.interp_rate for r in args.speeds):
         raise common.UserError(f"--speeds {args.speeds}: each must be 1 or a multiple of "
                                f"--interp_rate {args.interp_rate} (target stride r / l)")
-    if args.clip_len < 2 or args.window < 1 or args.base_width < 1:
-        raise common.UserError("--clip_len must be >= 2, --window and --base_width >= 1")
-    if args.tau <= 0 or args.margin < 0:
-        raise common.UserError(f"--tau {args.tau} must be > 0 and --margin {args.margin} >= 0")
-    if args.decoder_lr_mult < 0:
-        raise common.UserError(f"--decoder_lr_mult {args.decoder_lr_mult}: must be >= 0")
+    if args.clip_len < 2:
+        raise common.UserError(f"--clip_len {args.clip_len}: a shuffled clip needs at least 2 frames")
+    for name in ("window", "base_width", "proj_dim", "epochs", "batch_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    if args.temperature <= 0 or args.margin < 0:
+        raise common.UserError(f"--temperature {args.temperature} must be > 0 and --margin "
+                               f"{args.margin} >= 0")
     if args.queue_size < args.batch_size:
         raise common.UserError(f"--queue_size {args.queue_size} must be >= --batch_size "
                                f"{args.batch_size}")
-    if args.epochs < 1 or args.log_every < 1 or args.save_every < 1:
-        raise common.UserError("--epochs, --log_every and --save_every must be >= 1")
+    if not 0 <= args.key_momentum <= 1:
+        raise common.UserError(f"--key_momentum {args.key_momentum}: must be in [0, 1]")
+    for name in ("dropout", "finetune_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise common.UserError(f"--{name} {getattr(args, name)}: must be in [0, 1)")
+    if args.lr <= 0 or args.weight_decay < 0 or args.decoder_lr_mult < 0:
+        raise common.UserError(f"--lr {args.lr} must be > 0, --weight_decay {args.weight_decay} and "
+                               f"--decoder_lr_mult {args.decoder_lr_mult} >= 0")
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv, quick=QUICK)
     check_args(args)
-    args.split = common.canonical_split(args.dataset, args.split)
-    env = common.setup_distributed(args.device)
-    dev, rank, world = env.device, env.rank, env.world_size
-    out = Path(args.out_dir or f"out/{METHOD}_{args.dataset}_{args.split}")
-    log = common.RunLogger(out, env.is_main)
+    d = common.setup_distributed(args.device)
+    try:
+        train(args, d)
+    finally:
+        common.cleanup_distributed()
 
-    split = common.load_split(args.data_dir, args.dataset, args.split, "train")
-    loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True,
-                                seed=args.seed, rank=rank, world_size=world, device=dev,
-                                on_device=args.data_on_device, with_labels=False,
-                                with_index=True, num_workers=args.num_workers)
-    common.seed_everything(args.seed, args.deterministic)  # identical initial weights on all ranks
-    model = Model(args).to(dev)
+
+def train(args, d):
+    device = d.device
+    split = common.load_train_split(args, d, Z_ALIGN, METHOD)
+    loader = common.BatchLoader(split, args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
+                                rank=d.rank, world_size=d.world_size, device=device,
+                                on_device=args.data_on_device, with_labels=False, with_index=True,
+                                num_workers=args.num_workers)
+    run = common.Run(args, METHOD, __file__, d, QUICK)  # after the inputs were checked
+    common.seed_everything(args.seed)  # same seed on every rank -> identical initial weights
+    model = Model(args).to(device)
     opt = make_optimizer(model, args)
-    scaler = common.make_scaler(dev, args.dtype)
-    g = torch.Generator(device=dev)
+    scaler = common.make_scaler(device, args.dtype)
+    g = torch.Generator(device)
     start_epoch, step, metrics = 0, 0, {}
-    ckpt_path = out / "last.pt"
-    if args.resume:  # a missing last.pt is an error (as in the other scripts), not a fresh start
-        ckpt = common.load_checkpoint(ckpt_path, METHOD)  # on CPU: RNG states must stay there
-        common.load_state(model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        common.load_scaler(scaler, ckpt["scaler"])
-        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
-        common.set_rng_state(ckpt["rng"], g)
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    if env.is_main:  # after the resume check: a failed --resume leaves the folder as it was
-        common.save_json(common.args_to_dict(args), out / "args.json")
-    net = model
-    if env.ddp:
-        # the queue/BN buffers stay equal on every rank by construction: no broadcasts
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
-    if args.compile:
-        net = torch.compile(net)
-    log.info(f"mcc: ST-GCN encoder {common.count_params(model.encoder):,} params, "
-             f"{len(split)} sequences, {len(loader)} steps/epoch, world size {world}")
+    if args.resume:
+        ck = run.resume(model, opt, scaler, g)
+        start_epoch, step, metrics = ck["epoch"], ck["step"], ck["metrics"]
+    common.broadcast_module(model)
+    net = common.wrap(model, d, args.compile)
+    run.info(f"{METHOD}: {common.count_params(model):,} parameters (encoder "
+             f"{common.count_params(model.encoder):,}), {len(split)} clips, {len(loader)} "
+             f"steps/epoch, {d.world_size} process(es) on {device}")
 
-    def save(epoch):
-        if env.is_main:
-            common.save_checkpoint({
-                "method": METHOD, "args": common.args_to_dict(args),
-                "encoder": model.encoder.state_dict(), "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "step": step, "rng": common.rng_state(g), "dataset": args.dataset,
-                "split": args.split, "metrics": metrics, "version": common.CKPT_VERSION}, ckpt_path)
-
-    total_steps, t_run, steps_run = args.epochs * len(loader), time.time(), 0
-    bar = tqdm(range(start_epoch, args.epochs), initial=start_epoch, total=args.epochs,
-               desc="mcc", disable=not env.is_main)
-    for epoch in bar:
-        # Every epoch's randomness is a function of (seed, epoch[, rank]): a run resumed at an epoch
-        # boundary replays it exactly under any world size. g (clip sampling) is shared by all
-        # ranks (global draws, see make_views); the torch RNG (dropout) is per rank.
-        g.manual_seed(args.seed * 100_003 + epoch)
-        torch.manual_seed((args.seed * 100_003 + epoch) * 64 + 1 + rank)
-        loader.set_epoch(epoch)
+    run.start(args.epochs * len(loader), step)
+    for epoch in range(start_epoch, args.epochs):
         lr = common.step_lr(args.lr, epoch, args.lr_steps)
         common.set_lr(opt, lr)
-        model.train()
-        sums = torch.zeros(4, device=dev)
+        loader.set_epoch(epoch)
+        g.manual_seed(common.epoch_seed(args.seed, epoch, -1))  # clip draws: global, every rank alike
+        torch.manual_seed(common.epoch_seed(args.seed, epoch, d.rank))  # dropout
+        net.train()
+        sums, n = {}, 0
         for x, num_frame, ids in loader:
-            base, pos, neg, target, _ = make_views(x, num_frame, g, args, rank, world)
-            now = train_step(model, net, opt, scaler, base, pos, neg, target, ids, args)
-            step, steps_run = step + 1, steps_run + 1
-            sums += now
-            if step % args.log_every == 0:
-                vals = common.all_reduce_mean(now).tolist()
-                # checked on log steps only (the .tolist() syncs anyway; every rank sees the same)
-                if not all(math.isfinite(v) for v in vals):
-                    raise common.UserError(f"non-finite loss at step {step} (triplet, nce, itep = "
-                                           f"{vals[1:]}): lower --lr or use --dtype fp32")
-                elapsed = time.time() - t_run
-                log.log(step, epoch + 1, loss=vals[0], triplet=vals[1], nce=vals[2],
-                        itep=vals[3], lr=lr, samples_per_s=steps_run * args.batch_size / elapsed,
-                        eta=common.format_eta(elapsed / steps_run * (total_steps - step)))
-        means = (common.all_reduce_mean(sums) / len(loader)).tolist()
-        metrics = dict(zip(["loss", "triplet", "nce", "itep"], means))
-        bar.set_postfix(loss=f"{means[0]:.4f}")
-        log.log(step, epoch + 1, **{f"epoch_{n}": v for n, v in metrics.items()})
+            with torch.no_grad():
+                views = make_views(x, num_frame, g, args, d.rank, d.world_size)
+            terms = train_step(model, net, opt, scaler, views, ids, args)
+            step, n = step + 1, n + 1
+            sums = {k: sums.get(k, 0) + v for k, v in terms.items()}
+            run.step(step, epoch + n / len(loader), terms, lr)
+        metrics = run.end_epoch(step, epoch, sums, n, lr)
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save(epoch + 1)
-    if env.is_main:
-        log.info(f"done: {out / 'last.pt'}")
-    common.cleanup_distributed()
+            run.save(model, opt, scaler, epoch + 1, step, metrics, (g,))
+    run.done()
 
 
 if __name__ == "__main__":

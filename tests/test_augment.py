@@ -273,33 +273,8 @@ def test_joint_jitter_noise_level():
 
 
 # ----------------------------------------------------------------------------------------------
-# Speed, order, mixing
+# Mixing
 # ----------------------------------------------------------------------------------------------
-def test_speed_indices_and_gather():
-    idx = C.speed_indices(torch.tensor([100, 20, 5]), torch.tensor([10, 15, 0]), torch.tensor([2, 4, 8]))
-    assert idx.shape == (3, 32)
-    assert idx[0].tolist() == list(range(10, 73, 2))                  # the paper's example, 32 frames
-    assert idx[1].tolist() == [(15 + 4 * i) % 20 for i in range(32)]  # loops over the valid frames
-    assert idx[2].tolist() == [(8 * i) % 5 for i in range(32)]
-    assert C.speed_indices(torch.tensor([50]), 3, 1, length=4).tolist() == [[3, 4, 5, 6]]
-    x = frame_coded(3, 100, v=2, m=2)
-    out = C.gather_frames(x, idx)
-    assert out.shape == (3, 3, 32, 2, 2)
-    assert torch.equal(out[:, 1, :, 1, 0].long(), idx)
-
-
-def test_shuffle_frames_is_a_non_identity_permutation():
-    N = 3000
-    out = C.shuffle_frames(frame_coded(N, 3), gen(22))[:, 0, :, 0, 0].long()
-    assert torch.equal(out.sort(1).values, torch.arange(3).expand(N, 3))
-    assert not (out == torch.arange(3)).all(1).any()
-    perms = {}
-    for row in out.tolist():
-        perms[tuple(row)] = perms.get(tuple(row), 0) + 1
-    assert len(perms) == 5 and max(abs(c / N - 0.2) for c in perms.values()) < 0.03
-    assert (C.shuffle_frames(frame_coded(100, 2), gen(23))[:, 0, :, 0, 0] == torch.tensor([1., 0.])).all()
-    with pytest.raises(ValueError):
-        C.shuffle_frames(frame_coded(2, 1), gen(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +300,6 @@ RANDOM_FNS = {
                                               min_len=16),
     "shear": C.shear, "joint_corruption": C.joint_corruption,
     "corrupt_or_shear": C.corrupt_or_shear, "joint_jitter": C.joint_jitter,
-    "shuffle_frames": C.shuffle_frames,
 }
 
 
