@@ -40,6 +40,17 @@ def test_quick_train_steps_and_gru(run_py):
     assert "pcm3pp_gru" in recs[-1]["speedup_vs_step_by_step"]
 
 
+def test_paper_config_draws_batches_from_resident_clips(run_py):
+    recs = _records(run_py(["tests/bench.py", "--only", "train", "--methods", "mcc", "--paper_batch", "2",
+                            "--resident", "8", "--repeats", "1"]))
+    steps = {r["config"]["config"]: r for r in recs if r["what"] == "train"}
+    assert set(steps) == {"quick", "paper"}
+    paper = steps["paper"]
+    assert paper["config"]["resident_clips"] == 8 and paper["config"]["batch"] == 2
+    assert paper["config"]["raw_frames"] == 300 and math.isfinite(paper["first_loss"])
+    assert steps["quick"]["config"]["resident_clips"] == 0
+
+
 def test_learning_summary_pairs_the_seeds():
     rows = [(0, 50, 40), (1, 60, 45), (2, 70, 50)]  # seed, trained, random
     recs = [{"config": {"method": "m", "seed": s, "encoder": k}, "linear_top1": v, "knn_k1_top1": 10.0}
