@@ -289,17 +289,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 # ----------------------------------------------------------------------------------------------
 # Distributed
 # ----------------------------------------------------------------------------------------------
@@ -1199,20 +1188,14 @@ def _prefetch(fetch: Callable, parts: list, workers: int) -> Iterator:
 # Every function works on a batch x of shape (N, C=3, T, V=25, M=2) on whatever device x lives on,
 # draws its random numbers from the torch.Generator `g` (which must live on x's device, so a seed
 # reproduces the views on that device), and has no per-sample Python loop. Each reproduces the
-# distribution of the per-sample numpy/python version of the official repos (specs/methods.md 0.4,
-# 0.5, 1.4, 2.4, 3A.3, 3A.4, 4.1); where the official code draws once per batch (PCM3's Jointmask3
-# and ske_swap) we do too. "Draws:" in a docstring lists the generator calls in order, so a test can
-# replay them.
+# distribution of the per-sample numpy version of the official repos (feeder/augmentations.py and
+# feeder/tools.py in USDRL, PCM3 and SCD-Net). "Draws:" in a docstring lists the generator calls in
+# order, so a test can replay them.
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def _per_sample(mask: torch.Tensor, ndim: int = 5) -> torch.Tensor:
-    """(N,) -> (N, 1, ..., 1) so it broadcasts over a (N, C, T, V, M) batch."""
-    return mask.view(-1, *([1] * (ndim - 1)))
-
-
 def _apply_mask(g: torch.Generator, N: int, p: float, device):
     """Per-sample "apply this augmentation" flags, probability p (official: `random.random() < p`);
     None when p >= 1 (always applied). Callers fold the flags into their parameters (identity matrix,
@@ -1266,23 +1249,15 @@ def _map_block(o: torch.Tensor, x: torch.Tensor, mats: torch.Tensor) -> None:
 
 
 def _per_joint_map(x: torch.Tensor, a_sel: torch.Tensor, a_other: torch.Tensor,
-                   sel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+                   sel: torch.Tensor) -> torch.Tensor:
     """out[n, :, t, v, m] = (a_sel[n] if sel[n, v] else a_other[n]) @ x[n, :, t, v, m].
 
-    x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M), written into
-    `out` when given (a contiguous tensor of x's shape, e.g. one view's rows of a batch). Three
+    x (N, 3, T, V, M), a_sel / a_other (N, 3, 3), sel (N, V) bool -> (N, 3, T, V, M). Three
     broadcast multiply-adds over a (N, 3, T, V*M) layout (contiguous V*M inner loops), in blocks of
-    samples that stay in cache across the three.
-
-    Measured alternatives (CPU, 256 x (3, 64, 25, 2), one thread, process CPU time) that were
-    slower: the (N, V, 3, 3) matrices through einsum (it permutes to a (N*V)-batch bmm: ~1.8x);
-    one bmm with both matrices stacked + torch.where on the joint mask (~1.4x); folding frames
-    into longer inner loops, per-coordinate ops, or blocks of 4-8 / 256 samples (equal or slower).
-    For scale: a plain bmm with one 3x3 per sample takes ~0.6x the time of this map."""
+    samples that stay in cache across the three."""
     N, _, T, V, M = x.shape
     mats = _joint_mats(a_sel, a_other, sel, M, x.dtype)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     res, xf = out.view(N, 3, T, V * M), x.reshape(N, 3, T, V * M)
     step = _block_size(N, x.device)
     for s in range(0, N, step):
@@ -1296,7 +1271,7 @@ def _check_batch(x: torch.Tensor, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Temporal crop / resize (methods.md 0.4, 0.5)
+# Temporal crop / resize (official feeder/augmentations.py: temporal_cropresize, crop_subsequence)
 # ----------------------------------------------------------------------------------------------
 def _resample_plan(start: torch.Tensor, length: torch.Tensor, out_len: int, C: int, T: int,
                    sample: torch.Tensor, n_in: int,
@@ -1344,9 +1319,8 @@ def _resample(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, out_le
     (float32 scale = length/out_len, half-pixel source index clamped at 0, lower index capped at
     length-1, upper index = lower+1 unless at the end, w0 = 1 - w1). For power-of-two out_len
     (64, 32, 16) they are bit-identical to it; otherwise PyTorch's fused multiply-add for the
-    source index can differ in its last bit (measured on N(0, 1) clips at out_len 50: 23 of the
-    lengths 1..300 give a value off by more than 1e-5, at most 6e-5; at out_len 64 none beyond
-    5e-7). The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp).
+    source index can differ in its last bit (values then differ by up to ~1e-4 on unit-scale
+    clips). The values w0*x0 + w1*x1 agree up to the rounding of the final multiply-add (<= 2 ulp).
     Frames at or after start+length are never read."""
     N, C, T = x.shape[:3]
     rows, weights = _resample_plan(start, length, out_len, C, T,
@@ -1374,7 +1348,7 @@ def _crop_window(num_frame: torch.Tensor, T: int, g: torch.Generator, scale, min
 
 def crop_resize(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Generator, out_len: int = 64,
                 scale=(0.1, 1.0), min_len: int = 64) -> torch.Tensor:
-    """Random temporal crop + linear resize (methods.md 0.4; all three official repos).
+    """Random temporal crop + linear resize (official `temporal_cropresize`, all three repos).
 
     x (N, C, T, V, M) raw clips, num_frame (N,) valid frames (clamped to [1, T]) ->
     (N, C, out_len, V, M).  Draws: see _crop_window."""
@@ -1384,7 +1358,7 @@ def crop_resize(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Generator, ou
 
 def center_crop_resize(x: torch.Tensor, num_frame: torch.Tensor, ratio: float = 1.0,
                        out_len: int = 64) -> torch.Tensor:
-    """Deterministic evaluation crop (methods.md 0.5, `crop_subsequence`'s centre branch):
+    """Deterministic evaluation crop (official `crop_subsequence`'s centre branch):
     start = int((1-ratio)*n/2), frames [start, n-start) resized to out_len.
 
     x (N, C, T, V, M), num_frame (N,) -> (N, C, out_len, V, M)."""
@@ -1402,7 +1376,7 @@ def resize_time(x: torch.Tensor, out_len: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Spatial transforms (methods.md 1.4, 2.4)
+# Spatial transforms (official feeder/tools.py shear, augmentations.py joint_courruption)
 # ----------------------------------------------------------------------------------------------
 def _shear_matrices(g: torch.Generator, N: int, amp: float, device) -> torch.Tensor:
     """(N, 3, 3) S = [[1,a,b],[c,1,d],[e,f,1]], a..f ~ U(-amp, amp).  Draws: rand(N, 6) (a..f)."""
@@ -1428,18 +1402,11 @@ def shear(x: torch.Tensor, g: torch.Generator, amp: float = 1.0, p: float = 1.0)
 
 
 @lru_cache(maxsize=None)
-def _index_tensor(name: str, device: torch.device) -> torch.Tensor:
-    """Cached int64 index tensors on a device: 'bone_parent' (per joint v1-1 the joint v2-1 of
-    BONE_PAIRS_1B), 'part_of_joint' (the BODY_PARTS entry holding each joint)."""
-    if name == "bone_parent":
-        idx = [0] * NUM_JOINTS
-        for v1, v2 in BONE_PAIRS_1B:
-            idx[v1 - 1] = v2 - 1
-    else:
-        idx = [0] * NUM_JOINTS
-        for k, joints in enumerate(BODY_PARTS.values()):
-            for j in joints:
-                idx[j] = k
+def _bone_parent(device: torch.device) -> torch.Tensor:
+    """(V,) int64 on a device: per joint v1-1 the joint v2-1 of BONE_PAIRS_1B (cached)."""
+    idx = [0] * NUM_JOINTS
+    for v1, v2 in BONE_PAIRS_1B:
+        idx[v1 - 1] = v2 - 1
     return torch.tensor(idx, dtype=torch.long, device=device)
 
 
@@ -1456,7 +1423,7 @@ def _corruption_params(g: torch.Generator, N: int, V: int, n_joints: int, device
 
 
 def joint_corruption(x: torch.Tensor, g: torch.Generator, n_joints: int = 15, p: float = 1.0) -> torch.Tensor:
-    """Official `joint_courruption` (USDRL/PCM3, methods.md 1.4): per sample, with probability 0.5
+    """Official `joint_courruption` (USDRL/PCM3 feeder/augmentations.py): per sample, with probability 0.5
     zero n_joints joints drawn without replacement, otherwise multiply the coordinates of n_joints
     such joints by a 3x3 matrix R with all entries U(-1, 1) (row vector: p_new = p @ R). The same
     joints for every frame and both bodies. Probability p per sample.
@@ -1473,18 +1440,15 @@ def joint_corruption(x: torch.Tensor, g: torch.Generator, n_joints: int = 15, p:
     return _per_joint_map(x, a_sel, _eye(N, dev), joints)
 
 
-def corrupt_or_shear(x: torch.Tensor, g: torch.Generator,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """USDRL/PCM3 view rule (methods.md 1.4, 3A.1): per sample, with probability 0.5
-    joint_corruption, otherwise shear; both become one per-(sample, joint) 3x3 map M (zero matrix
-    on zeroed joints, R^T on mixed ones, S on every joint of a sheared sample, identity elsewhere),
-    applied to the whole batch at once by _per_joint_map (three cache-blocked multiply-adds, no
-    per-branch intermediate batches).
+def corrupt_or_shear(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """USDRL/PCM3 view rule (official `joint_courruption` or `pose_augmentation`, p 0.5 each): per
+    sample, with probability 0.5 joint_corruption, otherwise shear; both become one per-(sample,
+    joint) 3x3 map M (zero matrix on zeroed joints, R^T on mixed ones, S on every joint of a sheared
+    sample, identity elsewhere), applied to the whole batch at once by _per_joint_map.
 
-    x (N, 3, T, V, M) -> same (written into `out` when given, see _per_joint_map).
-    Draws: rand(N) (branch), _corruption_params, rand(N, 6) (shear)."""
+    x (N, 3, T, V, M) -> same.  Draws: rand(N) (branch), _corruption_params, rand(N, 6) (shear)."""
     _check_batch(x, "corrupt_or_shear")
-    return _per_joint_map(x, *_corrupt_or_shear_params(g, x.shape[0], x.shape[3], x.device), out)
+    return _per_joint_map(x, *_corrupt_or_shear_params(g, x.shape[0], x.shape[3], x.device))
 
 
 def _corrupt_or_shear_params(g: torch.Generator, N: int, V: int, device):
@@ -1498,18 +1462,14 @@ def _corrupt_or_shear_params(g: torch.Generator, N: int, V: int, device):
 
 def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Generator,
                           out_len: int = 64, scale=(0.1, 1.0), min_len: int = 64,
-                          out: torch.Tensor | None = None, views: int = 1) -> torch.Tensor:
+                          views: int = 1) -> torch.Tensor:
     """`views` independent views corrupt_or_shear(crop_resize(x, ...)), view-major, with the draws
     of those calls in the same order (view 0's crop and corrupt/shear draws, then view 1's...) and
     bit-identical values. The gather indices and joint matrices of all views are built at once;
-    then, per block of clips, each view is resampled and mapped while in cache and written straight
-    into `out` (e.g. a buffer kept across steps): no batch-sized intermediate, and the views of a
-    block re-read the same raw clips from cache. CPU, 4 views of 256 clips (300 -> 64 frames), one
-    thread (tests/bench.py usdrl_views, five runs): 14.6-19.1 ms, where four one-view calls, each
-    building its indices per block of 64 clips with view after view over the whole batch, took
-    20.0-21.7 ms (two runs). On an accelerator the whole batch is one block.
+    then, per block of clips, each view is resampled and mapped while in cache: no batch-sized
+    intermediate (on an accelerator the whole batch is one block).
 
-    x (N, 3, T, V, M), num_frame (N,) -> (views*N, 3, out_len, V, M) (`out` when given)."""
+    x (N, 3, T, V, M), num_frame (N,) -> (views*N, 3, out_len, V, M)."""
     _check_batch(x, "crop_corrupt_or_shear")
     if views < 1:
         raise ValueError(f"crop_corrupt_or_shear: views must be >= 1, got {views}")
@@ -1524,8 +1484,7 @@ def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Gen
     rows, weights = _resample_plan(start, length, out_len, 3, T, sample, N, x.dtype)
     mats = _joint_mats(a_sel, a_other, joints, M, x.dtype)                      # (views*N, 3, 3, 1, V*M)
     B = views * N
-    if out is None:
-        out = x.new_empty(B, 3, out_len, V, M)
+    out = x.new_empty(B, 3, out_len, V, M)
     res, table = out.view(B, 3, out_len, V * M), _frame_rows(x)  # table: one copy at most
     step = _block_size(N, dev)
     for s in range(0, N, step):      # blocks of clips, every view of a block in turn: the views
@@ -1536,21 +1495,8 @@ def crop_corrupt_or_shear(x: torch.Tensor, num_frame: torch.Tensor, g: torch.Gen
     return out
 
 
-def joint_jitter(x: torch.Tensor, g: torch.Generator, std: float = 0.01, p: float = 1.0) -> torch.Tensor:
-    """Gaussian noise N(0, std^2) on every coordinate (no official per-sample version specifies more),
-    probability p per sample.
-
-    x (N, C, T, V, M) -> same.  Draws: randn(x.shape), then rand(N) if p < 1."""
-    if p <= 0:
-        return x
-    noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-    apply = _apply_mask(g, x.shape[0], p, x.device)
-    scale = std if apply is None else _per_sample(apply.to(x.dtype) * std)
-    return x + noise * scale
-
-
 # ----------------------------------------------------------------------------------------------
-# Modalities (methods.md 0.3)
+# Modalities (joint, bone = joint minus its parent, motion = next frame minus this one)
 # ----------------------------------------------------------------------------------------------
 MODALITIES = ("joint", "bone", "motion")
 
@@ -1561,7 +1507,7 @@ def to_modality(x: torch.Tensor, modality: str) -> torch.Tensor:
     if modality == "joint":
         return x
     if modality == "bone":
-        return x - x[:, :, :, _index_tensor("bone_parent", x.device)]
+        return x - x[:, :, :, _bone_parent(x.device)]
     if modality == "motion":
         return F.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 0, 0, 1))
     raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")

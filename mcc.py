@@ -460,7 +460,7 @@ def train(args, d):
         common.set_lr(opt, lr)
         loader.set_epoch(epoch)
         g.manual_seed(common.epoch_seed(args.seed, epoch, -1))  # clip draws: global, every rank alike
-        torch.manual_seed(common.epoch_seed(args.seed, epoch, d.rank))  # dropout
+        torch.manual_seed(common.epoch_seed(args.seed, epoch, d.rank) + 2**62)  # dropout, apart from g
         net.train()
         sums, n = {}, 0
         for x, num_frame, ids in loader:
