@@ -657,8 +657,6 @@ class Run:
             for name in RUN_FILES:
                 (self.dir / name).unlink(missing_ok=True)
         self.logger = RunLogger(self.dir, d.is_main)
-        if d.is_main:
-            save_json(args_to_dict(args), self.dir / "args.json")
         self.info(f"config: python {self.script} {to_flags(args, quick)}")
         self.bar = None
 
@@ -685,8 +683,11 @@ class Run:
         return ck
 
     def start(self, total_steps: int, step: int) -> None:
-        """The progress bar over all steps of the run; the rate and ETA count from here."""
+        """args.json (after a resume was checked) and the progress bar over all steps of the run;
+        the rate and ETA count from here."""
         from tqdm import tqdm
+        if self.d.is_main:
+            save_json(args_to_dict(self.args), self.dir / "args.json")
         self.total, self.t0, self.step0 = total_steps, time.time(), step
         self.t_log, self.step_log = self.t0, step
         self.bar = tqdm(total=total_steps, initial=step, desc=self.method, unit="step",
