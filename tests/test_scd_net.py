@@ -443,8 +443,7 @@ def test_ddp_two_processes_match_one(tmp_path, run_py, tiny_data):
         sys.argv = argv
     run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", helper,
             tmp_path / "two.pt", tiny, "--dataset", "synthetic", "--data_dir", tiny_data,
-            "--device", "cpu", "--epochs", "1", "--out_dir", tmp_path / "run", *TINY_CLI],
-           timeout=180)
+            "--device", "cpu", "--epochs", "1", "--out_dir", tmp_path / "run", *TINY_CLI])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     # the loss of the global batch and the keys enqueued (all ranks, in batch order) agree
     np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-5)
