@@ -964,15 +964,15 @@ def ssd_train_windows(num_frame, per_video: int, steps: int, rng: np.random.Rand
     """One epoch of training windows, redrawn every epoch: `per_video` per video (official: dataset
     length 16 x videos), per window a stride d ~ U{3, 4, 5} (random.randint(3, 5)) and a centre ~
     U{0, ..., L-1} (random.randint(0, length - 1)), clamped as ssd_window_start. Returns int arrays
-    (video, start, stride, label_frame); label_frame is the window's centre frame (official target
-    label[(sample_s + sample_e) // 2])."""
+    (video, centre, start, stride, label_frame); label_frame is the clamped window's centre frame
+    (official target label[(sample_s + sample_e) // 2]), the centre drawn unless clamped."""
     video = np.repeat(np.arange(len(num_frame)), per_video)
     L = np.asarray(num_frame, dtype=np.int64)[video]
     stride = rng.randint(SSD_TRAIN_STRIDES[0], SSD_TRAIN_STRIDES[-1] + 1, size=len(video))
     centre = rng.randint(0, L)
     span = steps * stride
     start = ssd_window_start(centre, span, L)
-    return video, start, stride, np.minimum(start + span // 2, L - 1)
+    return video, centre, start, stride, np.minimum(start + span // 2, L - 1)
 
 
 def ssd_test_starts(L: int, steps: int) -> np.ndarray:
@@ -989,6 +989,33 @@ def ssd_windows(frames: np.ndarray, starts, strides, steps: int, device, modalit
                      + np.arange(steps)[None] * np.asarray(strides).reshape(-1, 1), L - 1)
     x = torch.from_numpy(frames[idx].astype(np.float32, copy=False))  # (n, steps, 25, 3, 2)
     return common.to_modality(x.permute(0, 3, 1, 2, 4).to(device), modality)
+
+
+def ssd_batch(u, video, start, stride, label_frame, steps: int, device, modality="joint"):
+    """Training windows of several videos -> (n, 3, steps, 25, 2) inputs and (n,) head targets, the
+    label of each window's centre frame."""
+    x = torch.empty(len(video), 3, steps, common.NUM_JOINTS, 2, device=device)
+    for v in np.unique(video):
+        rows = np.flatnonzero(video == v)
+        frames = np.asarray(u.data[v, :int(u.num_frame[v])])  # (L, 25, 3, 2)
+        x[torch.from_numpy(rows).to(device)] = ssd_windows(frames, start[rows], stride[rows], steps,
+                                                           device, modality)
+    y = torch.from_numpy(head_targets(np.asarray(u.labels[video, label_frame])))
+    return x, y.to(device)
+
+
+@torch.no_grad()
+def ssd_video_probs(model, frames: np.ndarray, steps: int, batch: int, device, dtype="fp32",
+                    modality="joint") -> np.ndarray:
+    """frames (L, 25, 3, 2) of a test video -> (L, 1 + C) probabilities, frame t's from the window
+    centred on t (softmax of the last step, official test())."""
+    L, out = len(frames), []
+    starts = ssd_test_starts(L, steps)
+    for s in range(0, L, batch):
+        x = ssd_windows(frames, starts[s:s + batch], SSD_TEST_STRIDE, steps, device, modality)
+        with common.autocast(device, dtype):
+            out.append(model(x).float().softmax(-1).cpu().double())
+    return torch.cat(out).numpy()
 
 
 def detection_protocol(args, ld: Loaded | None = None) -> dict:
@@ -1074,9 +1101,8 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         steps = p["steps"]
 
         def train_epoch():
-            video, start, stride, label_frame = ssd_train_windows(train.num_frame, args.det_windows,
-                                                                  steps, rng)
-            y = torch.from_numpy(head_targets(np.asarray(train.labels[video, label_frame])))
+            video, _, start, stride, label_frame = ssd_train_windows(
+                train.num_frame, args.det_windows, steps, rng)
             perm = torch.randperm(len(video), generator=shuffle).numpy()
             # official model.train() for the frozen encoder too: its BatchNorm layers normalise
             # with batch statistics and re-estimate their running statistics on these windows
@@ -1084,28 +1110,16 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
             model.train()
             for b in range(max(1, len(perm) // bs)):  # drop_last=True (processor/processor.py
                 sel = perm[b * bs:(b + 1) * bs]       # load_data), at least one batch
-                x = torch.empty(len(sel), 3, steps, common.NUM_JOINTS, 2, device=device)
-                for v in np.unique(video[sel]):
-                    rows = np.flatnonzero(video[sel] == v)
-                    frames = np.asarray(train.data[v, :int(train.num_frame[v])])
-                    x[torch.from_numpy(rows).to(device)] = ssd_windows(
-                        frames, start[sel][rows], stride[sel][rows], steps, device, modality)
-                if (y[sel] != -100).any():
+                x, y = ssd_batch(train, video[sel], start[sel], stride[sel], label_frame[sel], steps,
+                                 device, modality)
+                if (y != -100).any():
                     with common.autocast(device, args.dtype):
                         logits = model(x)
-                    step(logits, y[sel].to(device))
+                    step(logits, y)
 
-        @torch.no_grad()
         def video_probs(u, i):
-            L = int(u.num_frame[i])
-            frames, starts = np.asarray(u.data[i, :L]), ssd_test_starts(L, steps)
-            out = []
-            for s in range(0, L, args.eval_batch):
-                x = ssd_windows(frames, starts[s:s + args.eval_batch], SSD_TEST_STRIDE, steps,
-                                device, modality)
-                with common.autocast(device, args.dtype):
-                    out.append(model(x).float().softmax(-1).cpu().double())
-            return torch.cat(out).numpy()  # (L, 1 + C)
+            return ssd_video_probs(model, np.asarray(u.data[i, :int(u.num_frame[i])]), steps,
+                                   args.eval_batch, device, args.dtype, modality)
     else:
         z_align = training_z_align(ld) if args.det_z_align is None else args.det_z_align
         W, d = ld.margs.window, args.det_stride
