@@ -394,10 +394,24 @@ def extract(enc, ld: Loaded, split, crop, args, device, indices=None, occlude=No
             x = occlude(x, nf, idx[start:start + len(x)])
         start += len(x)
         with common.autocast(device, args.dtype):
-            f = enc(make_clips(x, nf, crop, ld.margs.window, ld.margs.modality, g))
+            f = chunked(enc, make_clips(x, nf, crop, ld.margs.window, ld.margs.modality, g))
         feats.append(f.float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+# Clips per encoder pass on the CPU: every activation of a pass is freed before the next pass
+# allocates it again, and glibc serves blocks of a few MB from its heap but maps blocks of tens of MB
+# freshly from the kernel (page faults on every touch), so large test batches are encoded in chunks.
+CPU_CHUNK = 16
+
+
+def chunked(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a no-grad pass whose samples are independent (eval mode), CPU_CHUNK clips at a
+    time on the CPU (one call on a GPU)."""
+    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
+        return fn(x)
+    return torch.cat([fn(x[s:s + CPU_CHUNK]) for s in range(0, len(x), CPU_CHUNK)])
 
 
 def topk_acc(logits, y, k):
@@ -575,7 +589,8 @@ def test_logits(model, ld, test, crop, args, device):
     out, ys = [], []
     for x, nf, y in loader:
         with common.autocast(device, args.dtype):
-            out.append(model(make_clips(x, nf, crop, ld.margs.window, ld.margs.modality)).float())
+            out.append(chunked(model, make_clips(x, nf, crop, ld.margs.window,
+                                                 ld.margs.modality)).float())
         ys.append(y)
     return torch.cat(out), torch.cat(ys)
 
@@ -1014,7 +1029,7 @@ def ssd_video_probs(model, frames: np.ndarray, steps: int, batch: int, device, d
     for s in range(0, L, batch):
         x = ssd_windows(frames, starts[s:s + batch], SSD_TEST_STRIDE, steps, device, modality)
         with common.autocast(device, dtype):
-            out.append(model(x).float().softmax(-1).cpu().double())
+            out.append(chunked(model, x).float().softmax(-1).cpu().double())
     return torch.cat(out).numpy()
 
 
@@ -1147,7 +1162,8 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
             for s in tqdm(range(0, len(wins), args.eval_batch), desc="window features",
                           leave=False, file=sys.stderr):
                 with torch.no_grad(), common.autocast(device, args.dtype):
-                    f, y = encode_windows(enc.dense, wins[s:s + args.eval_batch])
+                    f, y = encode_windows(lambda x: chunked(enc.dense, x),
+                                          wins[s:s + args.eval_batch])
                 feats.append(f.half())  # (n, W, D) per-frame features: half precision halves the cache
                 ys.append(y)
             feats, ys = torch.cat(feats), torch.cat(ys)
@@ -1177,7 +1193,8 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
             for s in range(0, len(starts), args.eval_batch):
                 chunk = starts[s:s + args.eval_batch]
                 with common.autocast(device, args.dtype):
-                    prob = model(gather_windows(u.data[i], chunk, W, d, L, z_align, device, modality))
+                    prob = chunked(model, gather_windows(u.data[i], chunk, W, d, L, z_align,
+                                                         device, modality))
                 prob = prob.float().softmax(-1).cpu().double()  # (n, W, 1 + C)
                 for st, pw in zip(chunk, prob):
                     raw = st + np.arange(W * d)  # encoder frame t covers raw [st+td, st+(t+1)d)

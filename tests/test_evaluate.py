@@ -767,3 +767,46 @@ def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     assert p.stderr.startswith("error: ") and "truncated" in p.stderr
+
+
+def test_a_missing_synthetic_set_is_generated_beside_existing_ones(tmp_path, monkeypatch, capsys):
+    """transfer / fewshot need synthetic_ext, detection synthetic_untrimmed: a missing set is
+    written into its own new folder; the sets already there (here the tiny ones, which the
+    default-size generation used to replace) stay byte for byte, and stdout stays empty."""
+    monkeypatch.setitem(data_prep.SIZES, "default", data_prep.SIZES["tiny"])  # fast, meta differs
+    data_prep.prepare_synthetic(tmp_path, "synthetic", size="tiny", quiet=True)
+    before = {n: tree_hash(tmp_path / n) for n in ("synthetic", "synthetic_untrimmed")}
+    capsys.readouterr()
+    split = common.load_split(tmp_path, "synthetic_ext", "xsub", "train")
+    assert split.num_classes == 30
+    out = capsys.readouterr()
+    assert out.out == "" and "generating the built-in synthetic_ext" in out.err
+    assert {n: tree_hash(tmp_path / n) for n in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic", "synthetic_ext",
+                                                           "synthetic_untrimmed"]
+    # the untrimmed set alone missing: only it is written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "synthetic").symlink_to(tmp_path / "synthetic")
+    u = ev.load_untrimmed(other, "synthetic_untrimmed", "val")
+    assert len(u.videos) > 0 and tree_hash(tmp_path / "synthetic") == before["synthetic"]
+    assert sorted(p.name for p in other.iterdir()) == ["synthetic", "synthetic_untrimmed"]
+    # a folder that exists without the split is reported, never regenerated
+    foreign = tmp_path / "foreign"
+    (foreign / "synthetic_ext").mkdir(parents=True)
+    (foreign / "synthetic_ext" / "notes.txt").write_text("mine")
+    with pytest.raises(common.UserError, match="train_data_joint.npy: not found"):
+        common.load_split(foreign, "synthetic_ext", "xsub", "train")
+    assert [p.name for p in (foreign / "synthetic_ext").iterdir()] == ["notes.txt"]
+
+
+def test_semi_with_one_seed_reports_one_run_and_no_std(ckpts, eval_data, tmp_path):
+    res = tmp_path / "r.jsonl"
+    ev.main(["--ckpt", str(ckpts["mcc"]), "--task", "semi", "--data_dir", eval_data, "--epochs", "1",
+             "--batch_size", "32", "--eval_batch", "64", "--seeds", "0", "--results", str(res)])
+    m = json.loads(res.read_text().splitlines()[-1])["metrics"]
+    assert list(m)[:2] == ["ratio_0.05", "ratio_0.1"]  # MCC's paper: 5% and 10% labels
+    for r in ("ratio_0.05", "ratio_0.1"):
+        assert m[r]["n_runs"] == 1 and m[r]["top1_final_std"] is None
+        assert m[r]["top1_best_std"] is None and m[r]["top1_final_mean"] == m[r]["runs"][0]
+    assert m["headline_ratio"] == 0.05
