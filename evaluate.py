@@ -76,6 +76,7 @@ Decisions where the official sources say nothing:
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -172,7 +173,9 @@ HEADLINE = {"linear": "top1_final", "knn": "k1_top1", "semi": "top1_final_mean",
 
 @dataclass
 class Args:
-    """Evaluate a pre-trained checkpoint with the community's downstream protocols."""
+    """Evaluate a pre-trained checkpoint with the community's downstream protocols. On the built-in
+    synthetic data the quick values --seeds 0 --episodes 600 --eval_every 10 --det_windows 128
+    replace the defaults of the flags not given."""
     ckpt: list[str] = arg([], "checkpoint(s) (last.pt of a method run); several only for --task "
                           "ensemble")
     script: str | None = arg(None, "the method script that wrote the checkpoint, e.g. my_usdrl.py "
@@ -259,11 +262,19 @@ class Args:
 
 
 # Built-in synthetic data (CPU quick start): applied to every flag not given on the command line.
-# One semi seed, fewer few-shot episodes, test passes every 10 epochs, and 128 detection training
-# windows per video (the synthetic set has 54 training videos, PKU-MMD I 944 with 16 each; with 16 the
-# frozen head gets ~840 SGD steps and predicts background: measured mAP_a@0.5 0.7 -> 7.0 for a USDRL
-# quick-start checkpoint).
+# One semi seed, fewer few-shot episodes, test passes every 10 epochs, and more detection training
+# windows per video (the synthetic set has 54 training videos where PKU-MMD I has 944).
 QUICK = dict(seeds=[0], episodes=600, eval_every=10, det_windows=128)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a default only where it says something: not for None / empty / off values and
+    not when the flag's text already names its default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", [], False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1538,6 +1549,11 @@ def headline(task, m):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        parser = common.build_parser(Args, Args.__doc__)
+        parser.formatter_class = HelpFormatter
+        parser.print_help()
+        return
     args = common.parse_args(Args, argv)
     if not args.ckpt:
         raise UserError("--ckpt: give the checkpoint to evaluate")

@@ -810,3 +810,16 @@ def test_semi_with_one_seed_reports_one_run_and_no_std(ckpts, eval_data, tmp_pat
         assert m[r]["n_runs"] == 1 and m[r]["top1_final_std"] is None
         assert m[r]["top1_best_std"] is None and m[r]["top1_final_mean"] == m[r]["runs"][0]
     assert m["headline_ratio"] == 0.05
+
+
+def test_help_shows_each_default_once(capsys):
+    ev.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: [])" not in out and "(default: )" not in out
+    blocks = re.split(r"\n  (?=-)", out.split("options:")[1])
+    assert len(blocks) > 50
+    for b in blocks:  # one flag's text: its default named at most once
+        assert " ".join(b.split()).count("default") <= 1, b
+    assert "--det_protocol {ssd,dense}" in out and "--script SCRIPT" in out
+    for k, v in ev.QUICK.items():  # the quick config is stated
+        assert f"--{k} {v[0] if isinstance(v, list) else v}" in " ".join(out.split())
