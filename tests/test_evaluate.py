@@ -823,3 +823,21 @@ def test_help_shows_each_default_once(capsys):
     assert "--det_protocol {ssd,dense}" in out and "--script SCRIPT" in out
     for k, v in ev.QUICK.items():  # the quick config is stated
         assert f"--{k} {v[0] if isinstance(v, list) else v}" in " ".join(out.split())
+
+
+def test_quick_protocol_shortens_the_schedules_unless_given():
+    quick = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick"])
+    for method, kind, epochs, milestones in (("usdrl", "finetune", 10, [6, 9]),
+                                             ("mcc", "finetune", 10, [1, 6]),
+                                             ("scd_net", "linear", 20, [12, 18]),
+                                             ("pcm3pp", "linear", 20, [4, 10, 16])):
+        ld = ev.Loaded("x.pt", method, None, None, {})
+        p = ev.protocol(quick, ld, kind, "ntu60", "xsub")
+        assert (p["epochs"], p["milestones"]) == (epochs, milestones), (method, kind)
+        full = ev.protocol(common.parse_args(ev.Args, ["--ckpt", "x.pt"]), ld, kind, "ntu60", "xsub")
+        assert full["epochs"] == OFFICIAL_PROTOCOLS[method, kind][2]
+    p = ev.detection_protocol(quick)
+    assert (p["epochs"], p["milestones"]) == (20, [13])
+    given = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick", "--epochs", "30"])
+    ld = ev.Loaded("x.pt", "usdrl", None, None, {})
+    assert ev.protocol(given, ld, "finetune", "ntu60", "xsub")["milestones"] == [50, 70]
