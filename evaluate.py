@@ -195,7 +195,7 @@ class Args:
                      "scripts), bf16, fp16, auto (bf16 on CUDA)")
     seed: int = arg(0, "seed of heads, shuffling, crops and random-init baselines")
     quick: bool = arg(False, "the quick protocol on any dataset (automatic on synthetic data): "
-                      "--seeds 0 --episodes 600 --eval_every 10 unless given, and 20 linear, "
+                      "--seeds 0 --episodes 600 --eval_every 10 unless given, and 10 linear, "
                       "10 fine-tuning, 20 detection epochs (lr milestones scaled) unless --epochs")
     allow_data_mismatch: bool = arg(False, "evaluate on data prepared with a different z-alignment "
                                     "than the method's official run (prep_info.json)")
@@ -268,7 +268,7 @@ class Args:
 # given on the command line (one semi seed, fewer few-shot episodes, test passes every 10 epochs),
 # and the trained protocols shortened to QUICK_EPOCHS with their lr milestones scaled alike.
 QUICK = dict(seeds=[0], episodes=600, eval_every=10)
-QUICK_EPOCHS = {"linear": 20, "finetune": 10, "detection": 20}
+QUICK_EPOCHS = {"linear": 10, "finetune": 10, "detection": 20}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

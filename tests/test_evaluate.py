@@ -829,8 +829,8 @@ def test_quick_protocol_shortens_the_schedules_unless_given():
     quick = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick"])
     for method, kind, epochs, milestones in (("usdrl", "finetune", 10, [6, 9]),
                                              ("mcc", "finetune", 10, [1, 6]),
-                                             ("scd_net", "linear", 20, [12, 18]),
-                                             ("pcm3pp", "linear", 20, [4, 10, 16])):
+                                             ("scd_net", "linear", 10, [6, 9]),
+                                             ("pcm3pp", "linear", 10, [2, 5, 8])):
         ld = ev.Loaded("x.pt", method, None, None, {})
         p = ev.protocol(quick, ld, kind, "ntu60", "xsub")
         assert (p["epochs"], p["milestones"]) == (epochs, milestones), (method, kind)
