@@ -109,3 +109,19 @@ def test_version1_checkpoint_args_map_to_the_new_names(tmp_path):
     for method, key, new in (("usdrl", "sim_weight", "w_sim"), ("scd_net", "num_person", "bodies"),
                              ("scd_net", "moco_m", "key_momentum"), ("mcc", "tau", "temperature")):
         assert common.checkpoint_args({"method": method, "args": {key: 1.5}}) == {new: 1.5}
+
+
+def test_data_prepared_with_another_z_alignment_is_refused(fork, tmp_path):
+    """USDRL's official run used data without z-alignment: a folder recorded as z-aligned is
+    refused in one line before any data is read, unless --allow_data_mismatch."""
+    script, ckpt = fork
+    folder = tmp_path / "NTU-RGB-D-60-AGCN"
+    folder.mkdir()
+    (folder / "prep_info.json").write_text(json.dumps({"dataset": "ntu60", "z_align": True}))
+    base = ["--ckpt", str(ckpt), "--script", str(script), "--task", "knn", "--dataset", "ntu60",
+            "--data_dir", str(tmp_path), "--results", str(tmp_path / "r.jsonl")]
+    with pytest.raises(common.UserError, match=r"prepared with z-alignment, but my_usdrl.py expects "
+                                               r"no z-alignment.*--no_z_align"):
+        ev.main(base)
+    with pytest.raises(common.UserError, match="train_data_joint.npy: not found"):
+        ev.main(base + ["--allow_data_mismatch"])  # past the check: the (absent) arrays are read
