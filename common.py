@@ -1007,10 +1007,13 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str, part: str 
     if part not in ("train", "val"):
         raise ValueError(part)
     d = split_dir(data_dir, dataset, split)
-    if dataset.startswith("synthetic") and not (d / f"{part}_data_joint.npy").exists():
+    if dataset.startswith("synthetic") and not d.parent.exists():
         import data_prep  # generating the built-in dataset on first use keeps the quick start one command
-        print(f"{d} is missing: generating the built-in {dataset} dataset in {data_dir}", flush=True)
-        data_prep.prepare_synthetic(data_dir, dataset)
+        # stderr: evaluate.py keeps stdout for its JSON lines; only folders that do not exist yet are
+        # written (temp folder + rename), an existing one is never replaced
+        print(f"{d.parent} is missing: generating the built-in {dataset} dataset in {data_dir}",
+              file=sys.stderr, flush=True)
+        data_prep.prepare_synthetic(data_dir, dataset, quiet=True, keep_existing=True)
     f = d / f"{part}_data_joint.npy"
     if not f.exists():
         raise UserError(f"{f}: not found (prepare the data with data_prep.py or point --data_dir "

@@ -1386,12 +1386,13 @@ def _build(target: Path, meta: dict, fill) -> None:
 # ----------------------------------------------------------------------------------------------
 def prepare_synthetic(data_dir, dataset: str = "synthetic", size: str = "default", seed: int = 0,
                       raw: bool = False, quiet: bool = False, z_align: bool = True,
-                      force: bool = False) -> Path:
+                      force: bool = False, keep_existing: bool = False) -> Path:
     """Generate `<data_dir>/<synthetic|synthetic_ext>/{xsub,xview}` (processed layout), the
     untrimmed detection set `<data_dir>/synthetic_untrimmed/xsub` and, with raw=True,
     `<data_dir>/<dataset>_raw/` (nturgb+d_skeletons/*.skeleton and a PKU-MMD/ folder in Part I
-    layout). Outputs that already hold
-    the same (dataset, size, seed, z_align) are kept. Returns the dataset folder."""
+    layout). Outputs that already hold the same (dataset, size, seed, z_align) are kept; with
+    keep_existing=True every output folder that exists at all is kept (the automatic generation of
+    a missing set must not replace anything already in data_dir). Returns the dataset folder."""
     if dataset not in ("synthetic", "synthetic_ext"):
         raise UserError(f"--dataset {dataset!r}: not a synthetic dataset "
                         "(synthetic, synthetic_ext)")
@@ -1406,6 +1407,8 @@ def prepare_synthetic(data_dir, dataset: str = "synthetic", size: str = "default
     if raw:
         metas[data_dir / f"{dataset}_raw"] = {**base, "dataset": f"{dataset}_raw"}
     todo = [t for t, m in metas.items() if force or _read_meta(t) != m]
+    if keep_existing:
+        todo = [t for t in todo if not t.exists()]
     for t in todo:
         _check_replaceable(t, force)
     t0 = time.time()
@@ -1422,7 +1425,14 @@ def prepare_synthetic(data_dir, dataset: str = "synthetic", size: str = "default
                 _synth_untrimmed(seed, size, out / "xsub" if out else None,
                                  raw_root / "PKU-MMD" if raw_root else None)
             for t, tmp in tmps.items():
-                _publish(tmp, t, metas[t])
+                if keep_existing:  # a folder that appeared meanwhile (another run) stays as it is
+                    (tmp / META).write_text(json.dumps(metas[t], indent=1) + "\n")
+                    try:
+                        os.rename(tmp, t)
+                    except OSError:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    _publish(tmp, t, metas[t])
         except BaseException:
             for tmp in tmps.values():
                 shutil.rmtree(tmp, ignore_errors=True)

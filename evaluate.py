@@ -1,68 +1,75 @@
-"""Every downstream protocol on any checkpoint of the four methods (specs/protocols.md, SPEC section 5).
+"""Every downstream protocol on any checkpoint of the four methods (or of a fork of one).
 
     python evaluate.py --ckpt out/usdrl_ntu60_xsub/last.pt --task linear
     python evaluate.py --ckpt out/usdrl_synthetic_xsub/last.pt --task linear knn --baseline random
     python evaluate.py --ckpt out/mcc_ntu60_xsub/last.pt --task semi --ratio 0.05 --balanced
     python evaluate.py --ckpt j.pt b.pt m.pt --task ensemble --weights 0.6 0.6 0.4
+    python evaluate.py --ckpt out/my_run/last.pt --script my_usdrl.py --task linear
 
-The method is looked up from ckpt["method"] in a fixed table of the four modules (nothing else is ever
-imported), the encoder is rebuilt as Encoder(Args(**ckpt["args"])) and ckpt["encoder"] is loaded. The
-encoder sees clips of `window` frames (the checkpoint's), cropped from the raw sequence with
-num_frame and converted to the checkpoint's modality. Dataset and split default to the checkpoint's.
+The encoder is rebuilt as Encoder(Args(<the checkpoint's args>)) from the script the checkpoint
+records when that is one of the repository's four (usdrl.py, scd_net.py, pcm3pp.py, mcc.py), or from
+the file given with --script (a fork); the script's PROTOCOL picks the per-method defaults below and
+its Z_ALIGN is compared with the evaluated data's prep_info.json. The encoder sees clips of `window`
+frames (the checkpoint's), cropped from the raw sequence with num_frame and converted to the
+checkpoint's modality. Dataset and split default to the checkpoint's.
 
-Tasks (several may be given; each prints one JSON line on stdout and appends it, with the full
-config, to --results, default <checkpoint folder>/results.jsonl):
+Tasks (several may be given; each prints one JSON line on stdout, numbers rounded to 2 decimals, and
+appends it at full precision, with the full config, to --results, default <checkpoint folder>/
+results.jsonl; progress and messages go to stderr):
   linear     frozen encoder in eval mode + one linear layer, per-method protocol (table PROTOCOLS);
              features are extracted once when the train crop is deterministic; final and best
              (over evaluations, i.e. selected on the test set as every official repo does) top-1/5.
   knn        cosine k-NN on L2-normalised features: k=1 (the papers' retrieval top-1) and weighted
              votes for k=10/20 (weights exp(cos/0.07), the InstDisc rule).
-  semi       fine-tune everything on 1% and 10% (+ --ratio) labelled subsets; global random subset
-             (CMD/USDRL) or --balanced per class (AimCLR family), seeded, saved to --subset_dir;
-             mean/std over --seeds.
+  semi       fine-tune everything on labelled subsets (1% and 10%; MCC 5% and 10%; + --ratio);
+             global random subset (CMD/USDRL) or --balanced per class (AimCLR family), seeded, saved
+             to --subset_dir; mean/std over --seeds (std null for one run).
   finetune   fine-tune everything with all labels (MCC's protocol).
   transfer   fine-tune and test on another dataset (PKU-MMD II xsub by default; synthetic_ext for a
              synthetic checkpoint).
-  detection  untrimmed PKU-MMD I (pku1) or the synthetic untrimmed set: a frame-wise linear head on
-             encoder.dense over sliding windows (frozen, or --finetune for USDRL's protocol), window
-             probabilities averaged per frame, smoothed and grouped into proposals with the
-             Simple-Skeleton-Detection get_segments rules, scored by the official PKU-MMD mAP_action /
-             mAP_video and the VOC-style mAP_a at every --tiou, each labelled. Per-video proposal files
-             in PKU-MMD format (one per test video, possibly empty) go to --proposal_dir.
+  detection  untrimmed PKU-MMD I (pku1) or the synthetic untrimmed set. --det_protocol ssd (default)
+             is Simple-Skeleton-Detection's, which produced the USDRL and PCM3 tables: windows of
+             16 steps of raw camera coordinates, a linear head on the last step of encoder.dense,
+             one window centred on every test frame; --det_protocol dense is a frame-wise head over
+             sliding windows. Frozen encoder or --det_mode finetune (default: each paper's table).
+             Frame probabilities are smoothed and grouped into proposals by the official
+             get_segments rules and scored by the official PKU-MMD mAP_action / mAP_video and the
+             VOC-style mAP_a at every --tiou, each labelled, for the final evaluation and the best
+             one. Per-video proposal files in PKU-MMD format (one per test video, possibly empty) go
+             to --proposal_dir.
   fewshot    5-way 1/5-shot episodes on classes unseen in pre-training (NTU-120 novel classes on the
              xsetup test split; synthetic_ext classes 21-30), multinomial logistic regression on frozen
              features; mean and 95% CI, seeded, episodes saved; 1- and 5-shot share the episodes.
   occlusion  linear head trained on clean clips, tested on occluded test clips: the RA-GCN part / frame
              block table and PCM3++'s random ratio protocol, fixed seeded masks (saved), applied to the
-             raw frames before the crop. On the checkpoint's split: PCM3++'s table is NTU-60 xview
-             (protocols.md 7), so evaluate an xview pre-training to compare with it.
+             raw frames before the crop. On the checkpoint's split: PCM3++'s occlusion table is NTU-60
+             xview, so evaluate an xview pre-training to compare with it.
   ensemble   several checkpoints (e.g. joint, bone, motion streams): each gets its linear protocol;
              test softmax scores are summed with --weights.
-On the built-in synthetic data the QUICK values below apply to every flag not given (one semi seed,
-600 episodes, test every 10 epochs, 128 detection windows per training video). --baseline random
-repeats the protocol on a randomly initialised encoder of the same architecture and puts its metrics
-next to the result ("baseline_random", "pretraining_helps"; for semi that compares the first ratio's
-mean, named in "headline_ratio"). --no_cache re-encodes the training clips every epoch (the official
-way).
+On the built-in synthetic data (or with --quick) the quick protocol applies: the QUICK values below
+for every flag not given and shorter schedules (QUICK_EPOCHS) of the trained protocols. A missing
+synthetic set is generated into its own new folder; nothing already in --data_dir is modified.
+--baseline random repeats the protocol on a randomly initialised encoder of the same architecture and
+puts its metrics next to the result ("baseline_random", "pretraining_helps"; for semi that compares
+the first ratio's mean, named in "headline_ratio"). --no_cache re-encodes the training clips every
+epoch (the official way).
 
-Decisions (where the sources say nothing, protocols.md DECISIONs, SPEC 5):
+Decisions where the official sources say nothing:
   * MCC's linear protocol = PCM3's (MCC publishes none; same crop policy as the CMD/PCM3 family).
   * semi/finetune/transfer recipe: CMD's semi script (lr 0.01, batch 64, 80 epochs, steps 50/70, random
     crop [0.5, 1] train, the method's test crop) for USDRL, SCD-Net, PCM3++; ST-GCN's recipe for MCC
     (its paper follows the backbone's: lr 0.1, Nesterov, wd 1e-4, batch 64, 80 epochs, steps 10/50).
     One epoch is one pass over the labelled subset; at least one sample is kept (per class, --balanced).
-  * detection: windows of `window` frames taking every --det_stride-th raw frame; each window is
-    pre-normalised on its own (per-frame spine-mid centring, then z/x alignment on its first frame:
-    the 2s-AGCN steps the trimmed data went through, without the frame padding step), then converted
-    to the checkpoint's modality (bone/motion checkpoints see bone/motion windows). The head has
-    1 + num_classes outputs (0 = background, c = raw label c, as USDRL's 52-way head). Training:
-    --det_windows random windows per video, every frame labelled (padding ignored); frozen: one seeded
-    set of windows whose features are cached (the official loader draws new windows every epoch:
-    same number of steps, less window diversity). The model after the last epoch is reported (the
-    official loop keeps the best test mAP).
+  * detection, both protocols: the head has 1 + num_classes outputs (0 = background, c = raw label c,
+    as USDRL's 52-way head). ssd: the USDRL and SCD-Net encoders take exactly `window` frames, so
+    their windows have `window` steps at the same strides. dense: windows of `window` frames taking
+    every --det_stride-th raw frame, each pre-normalised on its own (per-frame spine-mid centring, then
+    z/x alignment on its first frame: the 2s-AGCN steps the trimmed data went through, without the
+    frame padding step), every frame labelled; frozen: one seeded set of windows whose features are
+    cached.
   * encoder passes run in fp32 by default (--dtype), as the official downstream scripts; USDRL's
     PKU-MMD II linear run trains on the centre 50% of each clip (its config's l_ratio [0.5, 1] takes
-    the centre-crop branch, protocols.md 0) and tests on the whole clip.
+    the centre-crop branch of its feeder) and tests on the whole clip.
   * few-shot: features L2-normalised after a signed square root (UniSiam's power norm), logistic
     regression = sklearn's multinomial L2 objective (C=1) solved by L-BFGS in torch, all episodes at once.
   * occlusion random protocol: per test sample r ~ U[0.3, 0.7]; spatial = round(5 r) of the five body
@@ -70,7 +77,9 @@ Decisions (where the sources say nothing, protocols.md DECISIONs, SPEC 5):
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -87,13 +96,16 @@ from tqdm import tqdm
 import common
 from common import UserError, arg
 
-# The only modules evaluate.py will ever import: checkpoint method name -> module name.
-METHODS = {"usdrl": "usdrl", "scd_net": "scd_net", "pcm3pp": "pcm3pp", "mcc": "mcc"}
+# The repository's method scripts: a checkpoint recording one of these is rebuilt from it; any other
+# script (a fork) must be named on the command line with --script.
+REPO_SCRIPTS = ("usdrl.py", "scd_net.py", "pcm3pp.py", "mcc.py")
+# Whether each protocol's official pre-training data was z-aligned, for scripts without Z_ALIGN.
+Z_ALIGN_DEFAULT = {"usdrl": False, "scd_net": True, "pcm3pp": True, "mcc": True}
 TASKS = ("linear", "knn", "semi", "finetune", "transfer", "detection", "fewshot", "occlusion",
          "ensemble")
 
 # ---------------------------------------------------------------------------------------------
-# Per-method protocol defaults from the official repos (protocols.md 1, 3, 4, 5). Crops:
+# Per-method protocol defaults from the official repos' evaluation scripts and configs. Crops:
 # "center:r" = start int((1-r) n / 2), frames [start, n-start) resized to the window (r=1: the whole
 # valid sequence); "random:lo,hi" = scale ~ U[lo, hi], L = min(max(floor(n scale), window), n).
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +136,27 @@ PROTOCOLS = {
 # USDRL's dataset-specific linear learning rates (scripts/recog.sh).
 USDRL_LINEAR_LR = {("ntu60", "xview"): 0.03, ("pku2", "xsub"): 0.01, ("pku2", "xview"): 0.01}
 # Its pku_v2 config trains with l_ratio [0.5, 1.0], which takes the deterministic centre-crop branch
-# with r = 0.5 (protocols.md 0 PITFALL); the test crop stays the whole sequence.
+# with r = 0.5 (its feeder's temporal_cropresize); the test crop stays the whole sequence.
 USDRL_LINEAR_PKU2_TRAIN_CROP = "center:0.5"
-# Simple-Skeleton-Detection: linear_eval/detection.yaml and finetune/xsub_joint_downsample.yaml.
+# Simple-Skeleton-Detection: config linear_eval/detection.yaml and finetune/xsub_joint_downsample.yaml
+# (eval_interval 5; Nesterov is processor/detection_downsample_linear.py's default).
 DETECTION = dict(lr=0.01, batch_size=64, epochs=60, milestones=[40], momentum=0.9, weight_decay=0.0,
-                 nesterov=True)
+                 nesterov=True, eval_every=5)
 DETECTION_FINETUNE_MILESTONES = [50]
+# Its windows (feeder/ntu_feeder_detect.py Feeder_single_sliding_window_downsample): 16 time steps,
+# every d-th raw frame, d = random.randint(3, 5) per training window, d = 4 at test time.
+SSD_STEPS = 16
+SSD_TRAIN_STRIDES = (3, 4, 5)
+SSD_TEST_STRIDE = 4
+# Detection mode of each paper's table: USDRL fine-tunes the whole model, PCM3++ trains a linear head
+# on the frozen encoder; SCD-Net and MCC publish no detection (the frozen linear variant).
+DETECTION_MODE = {"usdrl": "finetune", "scd_net": "frozen", "pcm3pp": "frozen", "mcc": "frozen"}
+# Encoders whose token-mixing layers fix the input length to the checkpoint's window: their ssd
+# windows have `window` steps (the same strides).
+FIXED_LENGTH = {"usdrl", "scd_net"}
+# Semi-supervised label fractions of each paper's table (MCC: 5% and 10%).
+SEMI_RATIOS = {"usdrl": [0.01, 0.1], "scd_net": [0.01, 0.1], "pcm3pp": [0.01, 0.1],
+               "mcc": [0.05, 0.1]}
 
 # NTU-120 classes absent from NTU-60 used as novel classes by PCM3++ (23 listed; the text says 20).
 NTU120_NOVEL = [60, 61, 66, 69, 72, 78, 79, 80, 84, 90, 91, 95, 96, 98, 99, 100, 102, 106, 108, 111,
@@ -141,14 +168,18 @@ RAGCN_PARTS_1B = {"left_arm": [5, 6, 7, 8, 22, 23], "right_arm": [9, 10, 11, 12,
                   "trunk": [1, 2, 3, 4, 21]}
 UNTRIMMED = {"pku1": ("PKU-MMD-v1-detection", 51), "synthetic_untrimmed": ("synthetic_untrimmed", None)}
 HEADLINE = {"linear": "top1_final", "knn": "k1_top1", "semi": "top1_final_mean",
-            "finetune": "top1_final", "transfer": "top1_final", "detection": "official_mAP_action@0.5",
+            "finetune": "top1_final", "transfer": "top1_final", "detection": "voc_mAP_a@0.5",
             "fewshot": None, "occlusion": "occluded_mean_top1", "ensemble": "top1"}
 
 
 @dataclass
 class Args:
-    """Evaluate a pre-trained checkpoint with the community's downstream protocols."""
-    ckpt: list = arg([""], "checkpoint(s) (last.pt of a method run); several only for --task ensemble")
+    """Evaluate a pre-trained checkpoint with the community's downstream protocols (the defaults are
+    each paper's; on the built-in synthetic data the quick protocol of --quick applies)."""
+    ckpt: list[str] = arg([], "checkpoint(s) (last.pt of a method run); several only for --task "
+                          "ensemble")
+    script: str | None = arg(None, "the method script that wrote the checkpoint, e.g. my_usdrl.py "
+                             "(needed for a fork; Args and Encoder are imported from this file)")
     task: list = arg(["linear"], "one or more of: " + ", ".join(TASKS))
     dataset: str | None = arg(None, "evaluation dataset (default: the checkpoint's; transfer: pku2 "
                               "or synthetic_ext; detection: pku1 or synthetic_untrimmed; fewshot: "
@@ -163,6 +194,11 @@ class Args:
     dtype: str = arg("fp32", "autocast for encoder passes: fp32 (as the official downstream "
                      "scripts), bf16, fp16, auto (bf16 on CUDA)")
     seed: int = arg(0, "seed of heads, shuffling, crops and random-init baselines")
+    quick: bool = arg(False, "the quick protocol on any dataset (automatic on synthetic data): "
+                      "--seeds 0 --episodes 600 --eval_every 10 unless given, and 10 linear, "
+                      "10 fine-tuning, 20 detection epochs (lr milestones scaled) unless --epochs")
+    allow_data_mismatch: bool = arg(False, "evaluate on data prepared with a different z-alignment "
+                                    "than the method's official run (prep_info.json)")
     num_workers: int = arg(0, "background threads reading batches from the memory map")
     eval_batch: int = arg(256, "batch size of feature extraction / test passes")
     # Protocol values: None = the per-method default of PROTOCOLS (linear, occlusion, ensemble use
@@ -183,7 +219,8 @@ class Args:
     knn_k: list[int] = arg([1, 10, 20], "k values (k=1 plain nearest neighbour, others weighted votes)")
     knn_temperature: float = arg(0.07, "temperature of the weighted k-NN votes exp(cos / T)")
     # semi
-    ratios: list[float] = arg([0.01, 0.1], "labelled fractions of the semi task")
+    ratios: list[float] | None = arg(None, "labelled fractions of the semi task (default: 0.01 "
+                                     "0.1; MCC: its paper's 0.05 0.1)")
     ratio: list[float] = arg([], "extra labelled fractions appended to --ratios")
     balanced: bool = arg(False, "semi: class-balanced subsets (round(ratio n_c) per class) instead of "
                          "a global random subset")
@@ -191,20 +228,25 @@ class Args:
     subset_dir: str | None = arg(None, "where the labelled index lists are saved "
                                  "(default <results folder>/subsets)")
     # detection
-    finetune: bool = arg(False, "detection: fine-tune the whole encoder (USDRL) instead of a frozen "
-                         "encoder with a linear head (PCM3++)")
-    det_stride: int = arg(1, "detection: take every k-th raw frame inside a window")
-    det_hop: int = arg(16, "detection: test window hop in encoder frames (overlaps are averaged; "
-                       "capped at the encoder window so that every frame is covered)")
+    det_protocol: str = arg("ssd", "detection: ssd = Simple-Skeleton-Detection's (one window "
+                            "centred on each frame, read at its last step); dense = a frame-wise "
+                            "head on encoder.dense over sliding windows", choices=["ssd", "dense"])
+    det_mode: str | None = arg(None, "detection: frozen encoder + linear head, or finetune the "
+                               "whole model (default: the method paper's table: USDRL finetune, "
+                               "the others frozen)", choices=["frozen", "finetune"])
     det_windows: int = arg(16, "detection: training windows per video and epoch (official: 16)")
-    det_z_align: bool = arg(None, "detection: align each window's spine to z (default: as the "
-                            "checkpoint's training data per its prep_info.json, else on; off = "
-                            "UmURL/USDRL data)")
+    det_steps: int | None = arg(None, "ssd: time steps per window (default 16; the checkpoint's "
+                                "window for the fixed-length USDRL and SCD-Net encoders)")
+    det_stride: int = arg(1, "dense: take every k-th raw frame inside a window")
+    det_hop: int = arg(16, "dense: test window hop in encoder frames (overlaps are averaged; "
+                       "capped at the encoder window so that every frame is covered)")
+    det_z_align: bool = arg(None, "dense: align each window's spine to z (default: as the "
+                            "checkpoint's training data per its prep_info.json, else on)")
     smooth: int = arg(10, "detection: mean filter half width of get_segments")
     threshold: float = arg(0.4, "detection: a frame is active if 1 - P(background) >= threshold")
     tiou: list[float] = arg([0.1, 0.3, 0.5, 0.7], "detection: tIoU thresholds of the mAPs")
-    proposal_dir: str | None = arg(None, "detection: proposal files folder "
-                                   "(default <results folder>/proposals_<dataset>[_random])")
+    proposal_dir: str | None = arg(None, "detection: proposal files folder (default <results "
+                                   "folder>/proposals_<dataset>_<protocol>_<mode>[_random])")
     # fewshot
     n_way: int = arg(5, "few-shot: classes per episode")
     shots: list[int] = arg([1, 5], "few-shot: support sizes (the same episodes for all of them)")
@@ -222,12 +264,21 @@ class Args:
     weights: list[float] | None = arg(None, "ensemble: one weight per checkpoint (default all 1)")
 
 
-# Built-in synthetic data (CPU quick start): applied to every flag not given on the command line.
-# One semi seed, fewer few-shot episodes, test passes every 10 epochs, and 128 detection training
-# windows per video (the synthetic set has 54 training videos, PKU-MMD I 944 with 16 each; with 16 the
-# frozen head gets ~840 SGD steps and predicts background: measured mAP_a@0.5 0.7 -> 7.0 for a USDRL
-# quick-start checkpoint).
-QUICK = dict(seeds=[0], episodes=600, eval_every=10, det_windows=128)
+# Quick protocol (--quick, automatic on the built-in synthetic data): these values for every flag not
+# given on the command line (one semi seed, fewer few-shot episodes, test passes every 10 epochs),
+# and the trained protocols shortened to QUICK_EPOCHS with their lr milestones scaled alike.
+QUICK = dict(seeds=[0], episodes=600, eval_every=10)
+QUICK_EPOCHS = {"linear": 10, "finetune": 10, "detection": 20}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a default only where it says something: not for None / empty / off values and
+    not when the flag's text already names its default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", [], False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,29 +287,73 @@ QUICK = dict(seeds=[0], episodes=600, eval_every=10, det_windows=128)
 @dataclass
 class Loaded:
     path: str
-    method: str
-    module: object
-    margs: object
+    method: str             # ckpt["method"], as reported
+    module: object          # the script Args and Encoder come from
+    margs: object           # module.Args of the checkpoint
     ckpt: dict
+    protocol: str = ""      # which PROTOCOLS entry applies (the script's PROTOCOL)
+    script: str = ""        # the script's file name
+    z_align: bool = True    # whether the script's official run used z-aligned data
+
+    def __post_init__(self):
+        self.protocol = self.protocol or self.method
+        self.script = self.script or f"{self.method}.py"
 
 
-def load_ckpt(path: str) -> Loaded:
+def import_script(path: str):
+    """The module of a method script the user named (a fork): imported from that file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--script {path}: file not found")
+    name = f"evaluated_{p.stem}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve the script's annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise UserError(f"--script {path}: cannot be imported ({type(e).__name__}: {e})") from None
+    missing = [n for n in ("Args", "Encoder") if not hasattr(module, n)]
+    if missing:
+        raise UserError(f"--script {path}: defines no {' and '.join(missing)} (a method script "
+                        f"declares both)")
+    return module
+
+
+def load_ckpt(path: str, script: str | None = None) -> Loaded:
+    """Checkpoint + the script that rebuilds its encoder: --script if given, else the repository
+    script the checkpoint records (ckpt["script"], or "<method>.py" before it was recorded)."""
     ckpt = common.load_checkpoint(path)
-    method = ckpt["method"]
-    if method not in METHODS:
-        raise UserError(f"{path}: checkpoint of unknown method {method!r} "
-                        f"(expected one of {', '.join(METHODS)})")
     if "encoder" not in ckpt or not isinstance(ckpt["args"], dict):
         raise UserError(f"{path}: checkpoint has no 'encoder' weights / 'args' dict")
-    module = importlib.import_module(METHODS[method])
-    return Loaded(str(path), method, module, common.args_from_dict(module.Args, ckpt["args"]), ckpt)
+    recorded = str(ckpt.get("script") or f"{ckpt['method']}.py")
+    if script:
+        module, name = import_script(script), Path(script).name
+    elif recorded in REPO_SCRIPTS:
+        module, name = importlib.import_module(recorded[:-3]), recorded
+    else:
+        raise UserError(f"{path}: written by {recorded!r}, not one of this repository's scripts "
+                        f"({', '.join(REPO_SCRIPTS)}); pass --script <path of {recorded}>")
+    proto = getattr(module, "PROTOCOL", getattr(module, "METHOD", ckpt["method"]))
+    if proto not in PROTOCOLS:
+        raise UserError(f"{name}: PROTOCOL {proto!r} is not one of {', '.join(PROTOCOLS)}")
+    margs = common.args_from_dict(module.Args, common.checkpoint_args(ckpt))
+    ld = Loaded(str(path), str(ckpt["method"]), module, margs, ckpt, proto, name,
+                bool(getattr(module, "Z_ALIGN", Z_ALIGN_DEFAULT[proto])))
+    hint = "" if script else "; a checkpoint of a modified script needs --script <that file>"
+    try:  # the weights must fit before any task starts
+        common.load_state(module.Encoder(margs), ckpt["encoder"], path, f"{name}'s Encoder")
+    except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+    return ld
 
 
 def build_encoder(ld: Loaded, random_init: bool, seed: int, device) -> nn.Module:
     torch.manual_seed(seed)
     enc = ld.module.Encoder(ld.margs)
     if not random_init:
-        common.load_state(enc, ld.ckpt["encoder"], ld.path, "Encoder(its args)")
+        common.load_state(enc, ld.ckpt["encoder"], ld.path, f"{ld.script}'s Encoder")
     return enc.to(device).eval()
 
 
@@ -266,11 +361,13 @@ def encoder_snapshot(enc: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
 
-def assert_unchanged(enc: nn.Module, snap: dict) -> None:
-    """Linear protocols must leave every encoder weight and BN statistic untouched."""
+def assert_unchanged(enc: nn.Module, snap: dict, parameters_only: bool = False) -> None:
+    """Linear protocols must leave every encoder weight (and, unless parameters_only, every BN
+    statistic) untouched."""
+    names = {k for k, _ in enc.named_parameters()} if parameters_only else snap.keys()
     for k, v in enc.state_dict().items():
-        if not torch.equal(v, snap[k]):
-            raise AssertionError(f"encoder tensor {k} changed during linear evaluation")
+        if k in names and not torch.equal(v, snap[k]):
+            raise AssertionError(f"encoder tensor {k} changed with the encoder frozen")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +409,24 @@ def extract(enc, ld: Loaded, split, crop, args, device, indices=None, occlude=No
             x = occlude(x, nf, idx[start:start + len(x)])
         start += len(x)
         with common.autocast(device, args.dtype):
-            f = enc(make_clips(x, nf, crop, ld.margs.window, ld.margs.modality, g))
+            f = chunked(enc, make_clips(x, nf, crop, ld.margs.window, ld.margs.modality, g))
         feats.append(f.float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+# Clips per encoder pass on the CPU: every activation of a pass is freed before the next pass
+# allocates it again, and glibc serves blocks of a few MB from its heap but maps blocks of tens of MB
+# freshly from the kernel (page faults on every touch), so large test batches are encoded in chunks.
+CPU_CHUNK = 16
+
+
+def chunked(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a no-grad pass whose samples are independent (eval mode), CPU_CHUNK clips at a
+    time on the CPU (one call on a GPU)."""
+    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
+        return fn(x)
+    return torch.cat([fn(x[s:s + CPU_CHUNK]) for s in range(0, len(x), CPU_CHUNK)])
 
 
 def topk_acc(logits, y, k):
@@ -323,13 +434,40 @@ def topk_acc(logits, y, k):
     return 100.0 * (logits.topk(k, 1).indices == y[:, None]).any(1).float().mean().item()
 
 
+class Best:
+    """Accuracies over the evaluations (selected on the test set, as the official loops report):
+    the best top-1 with its epoch and the top-5 of that epoch, and the best top-5 on its own."""
+
+    def __init__(self):
+        self.top1, self.top5_at_best_top1, self.top5, self.epoch = -1.0, 0.0, 0.0, 0
+
+    def update(self, top1: float, top5: float, epoch: int) -> None:
+        if top1 > self.top1:
+            self.top1, self.top5_at_best_top1, self.epoch = top1, top5, epoch
+        self.top5 = max(self.top5, top5)
+
+    def metrics(self) -> dict:
+        return dict(top1_best=self.top1, top5_best=self.top5,
+                    top5_at_best_top1=self.top5_at_best_top1, best_epoch=self.epoch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear evaluation
 # ---------------------------------------------------------------------------------------------
+def quick_schedule(p: dict, args, kind: str) -> dict:
+    """--quick: QUICK_EPOCHS[kind] epochs, the lr milestones scaled alike (unless given)."""
+    if args.quick and args.epochs is None:
+        scale = QUICK_EPOCHS[kind] / p["epochs"]
+        p["epochs"] = QUICK_EPOCHS[kind]
+        if args.milestones is None:
+            p["milestones"] = [max(1, round(m * scale)) for m in p["milestones"]]
+    return p
+
+
 def protocol(args, ld: Loaded, kind: str, dataset: str, split: str) -> dict:
     """Per-method defaults with every value given on the command line overriding them."""
-    p = dict(PROTOCOLS[ld.method][kind])
-    if kind == "linear" and ld.method == "usdrl":
+    p = quick_schedule(dict(PROTOCOLS[ld.protocol][kind]), args, kind)
+    if kind == "linear" and ld.protocol == "usdrl":
         p["lr"] = USDRL_LINEAR_LR.get((dataset, split), p["lr"])
         if dataset == "pku2":
             p["train_crop"] = USDRL_LINEAR_PKU2_TRAIN_CROP
@@ -383,7 +521,7 @@ def linear_eval(enc, ld, train, test, p, args, device, extra_tests=None):
     fc = new_head(fte.shape[1], train.num_classes).to(device)
     opt = sgd(fc.parameters(), p)
     shuffle = torch.Generator().manual_seed(args.seed)
-    best = dict(top1=-1.0, top5=0.0, epoch=0)
+    best = Best()
     for epoch in tqdm(range(p["epochs"]), desc="linear", leave=False, file=sys.stderr):
         common.set_lr(opt, common.step_lr(p["lr"], epoch, p["milestones"]))
         if not cached:  # a random crop (or --no_cache): encode the training clips again
@@ -400,14 +538,13 @@ def linear_eval(enc, ld, train, test, p, args, device, extra_tests=None):
             with torch.no_grad():
                 logits = fc(fte)
             t1, t5 = topk_acc(logits, yte, 1), topk_acc(logits, yte, 5)
-            if t1 > best["top1"]:
-                best = dict(top1=t1, top5=t5, epoch=epoch + 1)
+            best.update(t1, t5, epoch + 1)
     assert_unchanged(enc, snap)
     with torch.no_grad():
         logits = fc(fte)
         extra = {k: (fc(f), y) for k, (f, y) in (extra_tests or {}).items()}
-    m = dict(top1_final=t1, top5_final=t5, top1_best=best["top1"], top5_best=best["top5"],
-             best_epoch=best["epoch"], epochs=p["epochs"], feature_dim=int(fte.shape[1]),
+    m = dict(top1_final=t1, top5_final=t5, **best.metrics(), epochs=p["epochs"],
+             feature_dim=int(fte.shape[1]),
              n_train=len(train), n_test=len(test), features_cached=cached,
              train_s=round(time.time() - t0, 2))
     return m, (logits, yte), extra
@@ -477,7 +614,8 @@ def test_logits(model, ld, test, crop, args, device):
     out, ys = [], []
     for x, nf, y in loader:
         with common.autocast(device, args.dtype):
-            out.append(model(make_clips(x, nf, crop, ld.margs.window, ld.margs.modality)).float())
+            out.append(chunked(model, make_clips(x, nf, crop, ld.margs.window,
+                                                 ld.margs.modality)).float())
         ys.append(y)
     return torch.cat(out), torch.cat(ys)
 
@@ -496,7 +634,7 @@ def finetune_eval(enc, ld, train, test, p, args, device, indices=None, seed=0, d
                                 seed=seed, device=device, indices=indices,
                                 num_workers=args.num_workers)
     g = torch.Generator(device=device).manual_seed(seed)
-    best = dict(top1=-1.0, top5=0.0, epoch=0)
+    best = Best()
     for epoch in tqdm(range(p["epochs"]), desc=desc, leave=False, file=sys.stderr):
         common.set_lr(opt, common.step_lr(p["lr"], epoch, p["milestones"]))
         loader.set_epoch(epoch)
@@ -513,10 +651,9 @@ def finetune_eval(enc, ld, train, test, p, args, device, indices=None, seed=0, d
         if (epoch + 1) % p["eval_every"] == 0 or epoch + 1 == p["epochs"]:
             logits, yte = test_logits(model, ld, test, p["test_crop_parsed"], args, device)
             t1, t5 = topk_acc(logits, yte, 1), topk_acc(logits, yte, 5)
-            if t1 > best["top1"]:
-                best = dict(top1=t1, top5=t5, epoch=epoch + 1)
-    return dict(top1_final=t1, top5_final=t5, top1_best=best["top1"], top5_best=best["top5"],
-                best_epoch=best["epoch"], epochs=p["epochs"], n_labelled=n, n_test=len(test),
+            best.update(t1, t5, epoch + 1)
+    return dict(top1_final=t1, top5_final=t5, **best.metrics(), epochs=p["epochs"],
+                n_labelled=n, n_test=len(test),
                 train_s=round(time.time() - t0, 2))
 
 
@@ -649,26 +786,29 @@ def voc_ap_from_pr(rec: np.ndarray, prec: np.ndarray) -> float:
 
 
 def voc_map(props, gts, theta) -> tuple[float, dict]:
-    """VOC-style mAP_a (Simple-Skeleton-Detection eval_detect_mAP): per class present in the ground
-    truth, detections by decreasing confidence, each matched to the not yet matched same-video GT of
-    highest IoU >= theta (otherwise a false positive, duplicates included); mean over those classes."""
+    """VOC-style mAP_a (Simple-Skeleton-Detection processor/evaluate_metrics.py eval_detect_mAP and
+    compute_metric_class): per class present in the ground truth, detections by decreasing
+    confidence, each compared with the same-video GT of that class of highest IoU among ALL of them
+    (the first on ties); a true positive if that IoU >= theta and that GT is not taken yet, otherwise
+    a false positive (no fall-back to another GT). Equal confidences keep their input order (a stable
+    sort; the official np.argsort(-score) is not stable). Mean over the classes present."""
     aps = {}
     for c in sorted({int(g[0]) for g in gts}):
         gt_c = {}
         for g in gts:
             if g[0] == c:
                 gt_c.setdefault(g[4], []).append(g)
-        used = {v: [False] * len(lst) for v, lst in gt_c.items()}
+        taken = {v: [False] * len(lst) for v, lst in gt_c.items()}
         dets = sorted((p for p in props if p[0] == c), key=lambda p: -p[3])
         tp = np.zeros(len(dets))
         for i, d in enumerate(dets):
-            best, bj = -1.0, -1
+            best, bj = 0.0, -1
             for j, g in enumerate(gt_c.get(d[4], [])):
                 o = voc_iou(d, g)
-                if not used[d[4]][j] and o >= theta and o > best:
+                if o > best:
                     best, bj = o, j
-            if bj >= 0:
-                used[d[4]][bj] = True
+            if bj >= 0 and best >= theta and not taken[d[4]][bj]:
+                taken[d[4]][bj] = True
                 tp[i] = 1
         n_gt = sum(len(v) for v in gt_c.values())
         ctp = np.cumsum(tp)
@@ -708,15 +848,16 @@ def load_untrimmed(data_dir, dataset, part) -> Untrimmed:
         raise UserError(f"--dataset {dataset!r}: detection needs an untrimmed set "
                         f"({', '.join(UNTRIMMED)})")
     d = Path(data_dir) / UNTRIMMED[dataset][0] / "xsub"
-    if dataset == "synthetic_untrimmed" and not (d / f"{part}_data.npy").exists():
+    if dataset == "synthetic_untrimmed" and not d.parent.exists():
         import data_prep  # the built-in detection set is written with the synthetic data
-        print(f"{d} is missing: generating the built-in synthetic data in {data_dir}", file=sys.stderr)
-        data_prep.prepare_synthetic(data_dir, "synthetic")
+        print(f"{d.parent} is missing: generating the built-in synthetic data in {data_dir}",
+              file=sys.stderr, flush=True)
+        data_prep.prepare_synthetic(data_dir, "synthetic", quiet=True, keep_existing=True)
     files = {k: d / f"{part}_{k}" for k in ("data.npy", "label.npy", "num_frame.npy",
                                              "video_name.txt")}
     for f in files.values():
         if not f.exists():
-            raise UserError(f"{f}: not found (untrimmed detection layout, protocols.md 5)")
+            raise UserError(f"{f}: not found (the untrimmed detection layout of data_prep.py)")
     try:
         data = np.load(files["data.npy"], mmap_mode="r")
         labels = np.load(files["label.npy"], mmap_mode="r")
@@ -802,19 +943,27 @@ def gather_windows(video: np.ndarray, starts, window, stride, length, z_align, d
     return common.to_modality(prenormalize(x.permute(0, 3, 1, 2, 4).to(device), z_align), modality)
 
 
+def head_targets(lab: np.ndarray) -> np.ndarray:
+    """Stored frame labels -> head classes: 0 background, stored c + 1 -> raw label c, -100 (ignored)
+    for padding (255) and the unused stored value 1."""
+    lab = np.asarray(lab).astype(np.int64)
+    return np.where((lab == 255) | (lab == 1), -100, np.where(lab == 0, 0, lab - 1))
+
+
 def frame_targets(labels: np.ndarray, starts, window, stride, length) -> torch.Tensor:
-    """Per encoder frame: 0 background, raw label c -> c (stored as c + 1), -100 padding / beyond."""
+    """Per encoder frame of dense windows: head_targets of the frame, -100 beyond the video."""
     out = []
     for s in starts:
         raw = s + np.arange(window) * stride
-        lab = np.asarray(labels[np.minimum(raw, length - 1)]).astype(np.int64)
-        t = np.where(lab == 0, 0, lab - 1)
-        t[(lab == 255) | (lab == 1) | (raw >= length)] = -100
+        t = head_targets(labels[np.minimum(raw, length - 1)])
+        t[raw >= length] = -100
         out.append(t)
     return torch.from_numpy(np.stack(out))
 
 
 class FrameHead(nn.Module):
+    """dense protocol: a linear head on every time step of encoder.dense."""
+
     def __init__(self, encoder, num_outputs):
         super().__init__()
         self.encoder = encoder
@@ -824,13 +973,113 @@ class FrameHead(nn.Module):
         return self.fc(self.encoder.dense(x))
 
 
-def detection_protocol(args) -> dict:
+class WindowHead(nn.Module):
+    """ssd protocol: one prediction per window, the linear head on the LAST time step of
+    encoder.dense (official net/detection_baseline.py GRU_Detect + output[:, -1, :] in
+    processor/detection_downsample_linear.py train/test)."""
+
+    def __init__(self, encoder, num_outputs):
+        super().__init__()
+        self.encoder = encoder
+        # PyTorch's default init: the official weights_init re-initialises conv and BN layers only
+        self.fc = nn.Linear(encoder.dense_dim, num_outputs)
+
+    def forward(self, x):  # (N, 3, steps, 25, 2) -> (N, 1 + C)
+        return self.fc(self.encoder.dense(x)[:, -1])
+
+
+# ---- the ssd protocol: Simple-Skeleton-Detection, point by point --------------------------------
+def ssd_window_start(centre, span, length) -> np.ndarray:
+    """Start frame of a window of `span` raw frames centred on `centre` and moved inside [0, length)
+    at the video edges (official feeder/ntu_feeder_detect.py Feeder_single_sliding_window_downsample
+    __getitem__ and processor/detection_downsample_linear.py sliding_window_crop_downsample). A
+    video shorter than the span starts at 0 and repeats its last frame (the official slice would
+    start at a negative index)."""
+    centre, span, length = np.asarray(centre), np.asarray(span), np.asarray(length)
+    start = np.where(centre < span // 2, 0,
+                     np.where(centre > length - span // 2, length - span, centre - span // 2))
+    return np.maximum(start, 0)
+
+
+def ssd_train_windows(num_frame, per_video: int, steps: int, rng: np.random.RandomState):
+    """One epoch of training windows, redrawn every epoch: `per_video` per video (official: dataset
+    length 16 x videos), per window a stride d ~ U{3, 4, 5} (random.randint(3, 5)) and a centre ~
+    U{0, ..., L-1} (random.randint(0, length - 1)), clamped as ssd_window_start. Returns int arrays
+    (video, centre, start, stride, label_frame); label_frame is the clamped window's centre frame
+    (official target label[(sample_s + sample_e) // 2]), the centre drawn unless clamped."""
+    video = np.repeat(np.arange(len(num_frame)), per_video)
+    L = np.asarray(num_frame, dtype=np.int64)[video]
+    stride = rng.randint(SSD_TRAIN_STRIDES[0], SSD_TRAIN_STRIDES[-1] + 1, size=len(video))
+    centre = rng.randint(0, L)
+    span = steps * stride
+    start = ssd_window_start(centre, span, L)
+    return video, centre, start, stride, np.minimum(start + span // 2, L - 1)
+
+
+def ssd_test_starts(L: int, steps: int) -> np.ndarray:
+    """One window per frame t, centred on t (official test(): sliding_window_crop_downsample with
+    window_size 16, downsample 4): frame t's prediction sees its past and its future."""
+    return ssd_window_start(np.arange(L), steps * SSD_TEST_STRIDE, L)
+
+
+def ssd_windows(frames: np.ndarray, starts, strides, steps: int, device, modality="joint"):
+    """frames (L, 25, 3, 2) of one video -> (n, 3, steps, 25, 2) windows of raw camera coordinates
+    (official: the untrimmed arrays are fed without any normalisation), then the modality."""
+    L = len(frames)
+    idx = np.minimum(np.asarray(starts)[:, None]
+                     + np.arange(steps)[None] * np.asarray(strides).reshape(-1, 1), L - 1)
+    x = torch.from_numpy(frames[idx].astype(np.float32, copy=False))  # (n, steps, 25, 3, 2)
+    return common.to_modality(x.permute(0, 3, 1, 2, 4).to(device), modality)
+
+
+def ssd_batch(u, video, start, stride, label_frame, steps: int, device, modality="joint"):
+    """Training windows of several videos -> (n, 3, steps, 25, 2) inputs and (n,) head targets, the
+    label of each window's centre frame."""
+    x = torch.empty(len(video), 3, steps, common.NUM_JOINTS, 2, device=device)
+    for v in np.unique(video):
+        rows = np.flatnonzero(video == v)
+        frames = np.asarray(u.data[v, :int(u.num_frame[v])])  # (L, 25, 3, 2)
+        x[torch.from_numpy(rows).to(device)] = ssd_windows(frames, start[rows], stride[rows], steps,
+                                                           device, modality)
+    y = torch.from_numpy(head_targets(np.asarray(u.labels[video, label_frame])))
+    return x, y.to(device)
+
+
+@torch.no_grad()
+def ssd_video_probs(model, frames: np.ndarray, steps: int, batch: int, device, dtype="fp32",
+                    modality="joint") -> np.ndarray:
+    """frames (L, 25, 3, 2) of a test video -> (L, 1 + C) probabilities, frame t's from the window
+    centred on t (softmax of the last step, official test())."""
+    L, out = len(frames), []
+    starts = ssd_test_starts(L, steps)
+    for s in range(0, L, batch):
+        x = ssd_windows(frames, starts[s:s + batch], SSD_TEST_STRIDE, steps, device, modality)
+        with common.autocast(device, dtype):
+            out.append(chunked(model, x).float().softmax(-1).cpu().double())
+    return torch.cat(out).numpy()
+
+
+def detection_protocol(args, ld: Loaded | None = None) -> dict:
+    """SGD values of Simple-Skeleton-Detection's configs plus the detection protocol and mode."""
+    mode = args.det_mode or DETECTION_MODE.get(ld.protocol if ld else "", "frozen")
     p = dict(DETECTION)
-    if args.finetune:
+    if mode == "finetune":
         p["milestones"] = DETECTION_FINETUNE_MILESTONES
-    for k in ("lr", "batch_size", "epochs", "milestones", "weight_decay", "momentum", "nesterov"):
+    quick_schedule(p, args, "detection")
+    for k in ("lr", "batch_size", "epochs", "milestones", "weight_decay", "momentum", "nesterov",
+              "eval_every"):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
+    p.update(det_protocol=args.det_protocol, mode=mode,
+             mode_from="--det_mode" if args.det_mode else
+             f"default of protocol {ld.protocol if ld else '?'} (its paper's table)")
+    if args.det_protocol == "ssd":
+        fixed = ld is not None and ld.protocol in FIXED_LENGTH
+        p["steps"] = args.det_steps or (ld.margs.window if fixed else SSD_STEPS)
+        p.update(train_strides=list(SSD_TRAIN_STRIDES), test_stride=SSD_TEST_STRIDE,
+                 windows_per_video=args.det_windows)
+    else:
+        p.update(det_stride=args.det_stride, det_windows=args.det_windows)
     return check_protocol(p)
 
 
@@ -857,8 +1106,11 @@ def window_starts(L: int, W: int, d: int, hop: int) -> list[int]:
 
 
 def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> dict:
+    """Train a detection head (frozen encoder) or the whole model (finetune) on the untrimmed train
+    videos, evaluate every eval_every epochs on the test videos; report the final evaluation and
+    the best one (selected on the test set by the official loop's mAP_a@0.5, as Simple-Skeleton-
+    Detection processor/processor.py start keeps best_result)."""
     t0 = time.time()
-    z_align = training_z_align(ld) if args.det_z_align is None else args.det_z_align
     train, test = load_untrimmed(data_dir, dataset, "train"), load_untrimmed(data_dir, dataset, "val")
     C = UNTRIMMED[dataset][1] or max(
         max(g[0] for g in train.gts + test.gts), common.DATASETS["synthetic"][2])
@@ -867,106 +1119,152 @@ def detection_eval(enc, ld, args, device, dataset, data_dir, proposal_dir) -> di
         if ((lab > C + 1) & (lab != 255)).any():
             raise UserError(f"{u.path}: frame labels up to {int(lab[lab != 255].max())}, but "
                             f"{dataset} has {C} classes (stored as 2..{C + 1})")
-    W, d = ld.margs.window, args.det_stride
-    span = W * d
-    p = detection_protocol(args)
+    p = detection_protocol(args, ld)
+    ssd, finetune = p["det_protocol"] == "ssd", p["mode"] == "finetune"
+    modality, bs = ld.margs.modality, p["batch_size"]
     rng = np.random.RandomState(args.seed)
-
-    def sample_windows():  # random window starts per training video
-        out = []
-        for i in range(len(train.videos)):
-            hi = max(int(train.num_frame[i]) - span, 0)
-            out += [(i, int(s)) for s in rng.randint(0, hi + 1, size=args.det_windows)]
-        return out
-
-    def encode_windows(model_fn, wins):
-        xs, ys = [], []
-        for i in sorted({w[0] for w in wins}):
-            starts = [s for j, s in wins if j == i]
-            L = int(train.num_frame[i])
-            xs.append(gather_windows(train.data[i], starts, W, d, L, z_align, device,
-                                     ld.margs.modality))
-            ys.append(frame_targets(train.labels[i], starts, W, d, L))
-        return model_fn(torch.cat(xs)), torch.cat(ys).to(device)
-
+    shuffle = torch.Generator().manual_seed(args.seed)
     for q in enc.parameters():
-        q.requires_grad_(args.finetune)
-    snap = None if args.finetune else encoder_snapshot(enc)
+        q.requires_grad_(finetune)
+    snap = encoder_snapshot(enc)
     torch.manual_seed(args.seed)
-    model = FrameHead(enc, C + 1).to(device)
+    model = (WindowHead if ssd else FrameHead)(enc, C + 1).to(device)
     opt = sgd([q for q in model.parameters() if q.requires_grad], p)
     scaler = common.make_scaler(device, args.dtype)
-    if not args.finetune:  # frozen encoder: one seeded window set, dense features cached
-        wins = sample_windows()
-        feats, ys = [], []
-        for s in tqdm(range(0, len(wins), args.eval_batch), desc="window features", leave=False,
-                      file=sys.stderr):
-            with torch.no_grad(), common.autocast(device, args.dtype):
-                f, y = encode_windows(enc.dense, wins[s:s + args.eval_batch])
-            feats.append(f.half())  # (n, W, D) per-frame features: half precision halves the cache
-            ys.append(y)
-        feats, ys = torch.cat(feats), torch.cat(ys)
-    shuffle = torch.Generator().manual_seed(args.seed)
+
+    def step(logits, y):
+        loss = F.cross_entropy(logits.float().reshape(-1, C + 1), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if ssd:
+        steps = p["steps"]
+
+        def train_epoch():
+            video, _, start, stride, label_frame = ssd_train_windows(
+                train.num_frame, args.det_windows, steps, rng)
+            perm = torch.randperm(len(video), generator=shuffle).numpy()
+            # official model.train() for the frozen encoder too: its BatchNorm layers normalise
+            # with batch statistics and re-estimate their running statistics on these windows
+            # (processor/detection_downsample_linear.py train)
+            model.train()
+            for b in range(max(1, len(perm) // bs)):  # drop_last=True (processor/processor.py
+                sel = perm[b * bs:(b + 1) * bs]       # load_data), at least one batch
+                x, y = ssd_batch(train, video[sel], start[sel], stride[sel], label_frame[sel], steps,
+                                 device, modality)
+                if (y != -100).any():
+                    with common.autocast(device, args.dtype):
+                        logits = model(x)
+                    step(logits, y)
+
+        def video_probs(u, i):
+            return ssd_video_probs(model, np.asarray(u.data[i, :int(u.num_frame[i])]), steps,
+                                   args.eval_batch, device, args.dtype, modality)
+    else:
+        z_align = training_z_align(ld) if args.det_z_align is None else args.det_z_align
+        W, d = ld.margs.window, args.det_stride
+        p.update(z_align=z_align, det_hop=min(args.det_hop, W))
+
+        def sample_windows():  # random window starts per training video
+            out = []
+            for i in range(len(train.videos)):
+                hi = max(int(train.num_frame[i]) - W * d, 0)
+                out += [(i, int(s)) for s in rng.randint(0, hi + 1, size=args.det_windows)]
+            return out
+
+        def encode_windows(model_fn, wins):
+            xs, ys = [], []
+            for i in sorted({w[0] for w in wins}):
+                starts = [s for j, s in wins if j == i]
+                L = int(train.num_frame[i])
+                xs.append(gather_windows(train.data[i], starts, W, d, L, z_align, device, modality))
+                ys.append(frame_targets(train.labels[i], starts, W, d, L))
+            return model_fn(torch.cat(xs)), torch.cat(ys).to(device)
+
+        wins = None if finetune else sample_windows()
+        if not finetune:  # frozen encoder in eval mode: one seeded window set, features cached
+            feats, ys = [], []
+            for s in tqdm(range(0, len(wins), args.eval_batch), desc="window features",
+                          leave=False, file=sys.stderr):
+                with torch.no_grad(), common.autocast(device, args.dtype):
+                    f, y = encode_windows(lambda x: chunked(enc.dense, x),
+                                          wins[s:s + args.eval_batch])
+                feats.append(f.half())  # (n, W, D) per-frame features: half precision halves the cache
+                ys.append(y)
+            feats, ys = torch.cat(feats), torch.cat(ys)
+
+        def train_epoch():
+            nonlocal wins
+            if finetune:
+                model.train()
+                wins = sample_windows()
+            n = len(wins) if finetune else len(feats)
+            perm = torch.randperm(n, generator=shuffle)
+            for s in range(0, n, bs):
+                b = perm[s:s + bs]
+                with common.autocast(device, args.dtype):
+                    if finetune:
+                        logits, y = encode_windows(model, [wins[j] for j in b.tolist()])
+                    else:
+                        logits, y = model.fc(feats[b.to(device)].float()), ys[b.to(device)]
+                step(logits, y)
+
+        @torch.no_grad()
+        def video_probs(u, i):  # windows every --det_hop encoder frames, averaged per raw frame
+            L = int(u.num_frame[i])
+            starts = window_starts(L, W, d, args.det_hop)
+            acc = torch.zeros(L, C + 1, dtype=torch.float64)
+            cnt = torch.zeros(L, dtype=torch.float64)
+            for s in range(0, len(starts), args.eval_batch):
+                chunk = starts[s:s + args.eval_batch]
+                with common.autocast(device, args.dtype):
+                    prob = chunked(model, gather_windows(u.data[i], chunk, W, d, L, z_align,
+                                                         device, modality))
+                prob = prob.float().softmax(-1).cpu().double()  # (n, W, 1 + C)
+                for st, pw in zip(chunk, prob):
+                    raw = st + np.arange(W * d)  # encoder frame t covers raw [st+td, st+(t+1)d)
+                    keep = raw < L
+                    acc[raw[keep]] += pw.repeat_interleave(d, 0)[keep]
+                    cnt[raw[keep]] += 1
+            return (acc / cnt.clamp_min(1)[:, None]).numpy()
+
+    def evaluate_now(epoch):
+        model.eval()
+        props, segs_of, correct, counted = [], {}, 0, 0
+        for i, v in enumerate(tqdm(test.videos, desc=f"test e{epoch}", leave=False, file=sys.stderr)):
+            prob = video_probs(test, i)
+            target = head_targets(test.labels[i, :len(prob)])
+            ok = target != -100
+            correct += int((prob.argmax(1)[ok] == target[ok]).sum())
+            counted += int(ok.sum())
+            segs_of[v] = get_segments(prob, args.smooth, args.threshold)
+            props += [(c, s, e, conf, v) for c, s, e, conf in segs_of[v]]
+        m = detection_metrics(props, test.gts, test.videos, C, args.tiou)
+        m.update(epoch=epoch, frame_acc=100.0 * correct / max(1, counted), n_proposals=len(props))
+        return m, segs_of
+
+    evals = []
     for epoch in tqdm(range(p["epochs"]), desc="detection", leave=False, file=sys.stderr):
         common.set_lr(opt, common.step_lr(p["lr"], epoch, p["milestones"]))
-        if args.finetune:
-            model.train()
-            wins = sample_windows()
-            n = len(wins)
-        else:
-            n = len(feats)
-        perm = torch.randperm(n, generator=shuffle)
-        for s in range(0, n, p["batch_size"]):
-            b = perm[s:s + p["batch_size"]]
-            with common.autocast(device, args.dtype):
-                if args.finetune:
-                    logits, y = encode_windows(model, [wins[j] for j in b.tolist()])
-                else:
-                    logits, y = model.fc(feats[b.to(device)].float()), ys[b.to(device)]
-            loss = F.cross_entropy(logits.float().reshape(-1, C + 1), y.reshape(-1),
-                                   ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    if snap is not None:
-        assert_unchanged(enc, snap)
-    # Test: dense windows with hop --det_hop encoder frames, probabilities averaged per raw frame.
-    model.eval()
+        train_epoch()
+        if (epoch + 1) % p["eval_every"] == 0 or epoch + 1 == p["epochs"]:
+            evals.append(evaluate_now(epoch + 1))
+    if not finetune:  # frozen: no weight moved (ssd: the BatchNorm statistics did, as officially)
+        assert_unchanged(enc, snap, parameters_only=ssd)
+    final, segs_of = evals[-1]
     proposal_dir.mkdir(parents=True, exist_ok=True)
-    props, correct, counted = [], 0, 0
-    for i, v in enumerate(tqdm(test.videos, desc="test videos", leave=False, file=sys.stderr)):
-        L = int(test.num_frame[i])
-        starts = window_starts(L, W, d, args.det_hop)
-        acc = torch.zeros(L, C + 1, dtype=torch.float64)
-        cnt = torch.zeros(L, dtype=torch.float64)
-        for s in range(0, len(starts), args.eval_batch):
-            chunk = starts[s:s + args.eval_batch]
-            with torch.no_grad(), common.autocast(device, args.dtype):
-                prob = model(gather_windows(test.data[i], chunk, W, d, L, z_align, device,
-                                            ld.margs.modality))
-            prob = prob.float().softmax(-1).cpu().double()  # (n, W, 1 + C)
-            for st, pw in zip(chunk, prob):
-                raw = st + np.arange(W * d)  # encoder frame t covers raw frames [st+td, st+(t+1)d)
-                keep = raw < L
-                acc[raw[keep]] += pw.repeat_interleave(d, 0)[keep]
-                cnt[raw[keep]] += 1
-        prob = (acc / cnt.clamp_min(1)[:, None]).numpy()
-        lab = np.asarray(test.labels[i, :L]).astype(np.int64)
-        ok = (lab != 255) & (lab != 1)
-        correct += int((prob.argmax(1)[ok] == np.where(lab == 0, 0, lab - 1)[ok]).sum())
-        counted += int(ok.sum())
-        segs = get_segments(prob, args.smooth, args.threshold)
+    for v, segs in segs_of.items():  # the final model's proposals, one file per test video
         lines = "".join(f"{c},{s},{e},{conf:.6f}\n" for c, s, e, conf in segs)
         common.atomic_write(proposal_dir / f"{v}.txt", lambda f, t=lines: f.write(t), mode="w")
-        props += [(c, s, e, conf, v) for c, s, e, conf in segs]
-    m = detection_metrics(props, test.gts, test.videos, C, args.tiou)
-    m.update(frame_acc=100.0 * correct / max(1, counted), n_proposals=len(props),
-             n_gt=len(test.gts), n_test_videos=len(test.videos), num_classes=C,
-             head="finetune" if args.finetune else "frozen_linear", epochs=p["epochs"],
-             z_align=z_align, det_hop=min(args.det_hop, W),
-             proposal_dir=str(proposal_dir), train_s=round(time.time() - t0, 2))
-    return m
+    key = f"voc_mAP_a@{0.5 if 0.5 in args.tiou else args.tiou[-1]:g}"
+    best = max((m for m, _ in evals), key=lambda m: (m[key], m["epoch"]))  # official: `>=`, latest
+    return dict(**{k: v for k, v in p.items() if k not in DETECTION}, final=final,
+                best={**best, "selected_by": f"{key} on the test set"}, n_gt=len(test.gts),
+                n_test_videos=len(test.videos), num_classes=C, epochs=p["epochs"],
+                eval_every=p["eval_every"], proposal_dir=str(proposal_dir),
+                train_s=round(time.time() - t0, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1121,7 +1419,7 @@ def resolve_target(args, ld: Loaded, task: str) -> tuple[str, str]:
     if task == "detection":  # the untrimmed counterpart of a trimmed dataset name
         return {"synthetic": "synthetic_untrimmed", "synthetic_ext": "synthetic_untrimmed",
                 "ntu60": "pku1", "ntu120": "pku1"}.get(ds, ds), "xsub"
-    # transfer: protocols.md 4 reports PKU-MMD II cross-subject whatever the source split
+    # transfer: the papers report PKU-MMD II cross-subject whatever the source split
     sp = args.split or ("xsetup" if (task == "fewshot" and ds == "ntu120") else "xsub"
                         if task == "transfer" or ck_sp not in common.DATASETS.get(ds, ("", ()))[1]
                         else ck_sp)
@@ -1148,7 +1446,9 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
         return dict(top1=topk_acc(scores, y, 1), top5=topk_acc(scores, y, 5), streams=streams)
     enc = build_encoder(ld, random_init, args.seed, device)
     if task == "detection":
-        pdir = Path(args.proposal_dir or results_dir / f"proposals_{dataset}")
+        p = detection_protocol(args, ld)
+        pdir = Path(args.proposal_dir or
+                    results_dir / f"proposals_{dataset}_{p['det_protocol']}_{p['mode']}")
         return detection_eval(enc, ld, args, device, dataset, data_dir,
                               pdir.with_name(pdir.name + tag))
     if task == "fewshot":
@@ -1160,7 +1460,7 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
         pretrained_on = ld.ckpt.get("dataset", ld.margs.dataset)
         if not random_init and pretrained_on == dataset:  # the "novel" clips were pre-training data
             print(f"warning: {ld.path} was pre-trained on {dataset} itself, novel classes included "
-                  f"(protocols.md 6 pre-trains on NTU-60)", file=sys.stderr)
+                  f"(PCM3++'s few-shot protocol pre-trains on NTU-60)", file=sys.stderr)
         p = protocol(args, ld, "linear", dataset, split)
         eps = sample_episodes(split_obj.labels, novel, args.n_way, max(args.shots), args.n_query,
                               args.episodes, args.seed)
@@ -1208,7 +1508,8 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
         return finetune_eval(enc, ld, train, test, p, args, device, seed=args.seed)
     sub_dir = Path(args.subset_dir or results_dir / "subsets")
     out = {}
-    for ratio in list(args.ratios) + list(args.ratio):
+    ratios = semi_ratios(args, ld)
+    for ratio in ratios:
         runs = []
         for seed in args.seeds:
             idx = select_subset(train.labels, ratio, seed, args.balanced)
@@ -1218,24 +1519,44 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
             enc.load_state_dict(state)  # every run starts from the pre-trained (or random) weights
             runs.append(finetune_eval(enc, ld, train, test, p, args, device, indices=idx, seed=seed,
                                       desc=f"semi {ratio:g} s{seed}"))
-        r = {}
-        for k in ("top1_final", "top1_best"):
+        r = dict(n_runs=len(runs))
+        for k in ("top1_final", "top1_best"):  # std over the runs (population); none for one run
             r[f"{k}_mean"] = float(np.mean([x[k] for x in runs]))
-            r[f"{k}_std"] = float(np.std([x[k] for x in runs]))
+            r[f"{k}_std"] = float(np.std([x[k] for x in runs])) if len(runs) > 1 else None
         out[f"ratio_{ratio:g}"] = dict(**r, n_labelled=runs[0]["n_labelled"], seeds=list(args.seeds),
                                        runs=[x["top1_final"] for x in runs])
     out["scheme"] = "balanced" if args.balanced else "global"
     out["subset_dir"] = str(sub_dir)
     # The headline (compared with --baseline random) is the FIRST ratio's; named, since with the
     # default ratios it is 1%, not the 10% most tables quote.
-    first_ratio = (list(args.ratios) + list(args.ratio))[0]
+    first_ratio = ratios[0]
     out["top1_final_mean"] = out[f"ratio_{first_ratio:g}"]["top1_final_mean"]
     out["headline_ratio"] = first_ratio
     return out
 
 
+def semi_ratios(args, ld: Loaded) -> list[float]:
+    return list(SEMI_RATIOS[ld.protocol] if args.ratios is None else args.ratios) + list(args.ratio)
+
+
+def rounded(obj, digits: int = 2):
+    """A copy of a JSON-able record with every measured float rounded (the printed line; the
+    results file keeps full precision). Settings (label fractions, weights) stay exact."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: v if k in ("headline_ratio", "weight") else rounded(v, digits)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def headline(task, m):
-    """The number compared with the random-init baseline (few-shot: the largest shot count)."""
+    """The number compared with the random-init baseline (few-shot: the largest shot count;
+    detection: the final evaluation's)."""
+    if task == "detection":
+        return m["final"].get(HEADLINE[task])
     if task == "fewshot":
         return max(((int(k.split("_")[1][:-4]), v) for k, v in m.items() if k.endswith("shot_acc")),
                    default=(0, None))[1]
@@ -1244,8 +1565,13 @@ def headline(task, m):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        parser = common.build_parser(Args, Args.__doc__)
+        parser.formatter_class = HelpFormatter
+        parser.print_help()
+        return
     args = common.parse_args(Args, argv)
-    if not args.ckpt or not args.ckpt[0]:
+    if not args.ckpt:
         raise UserError("--ckpt: give the checkpoint to evaluate")
     bad = [t for t in args.task if t not in TASKS]
     if bad:
@@ -1258,40 +1584,47 @@ def main(argv=None):
         raise UserError(f"--test_crop {args.test_crop!r}: the test crop must be deterministic "
                         f"(center:<ratio>)")
     positive = dict(eval_batch=args.eval_batch, det_stride=args.det_stride, det_hop=args.det_hop,
-                    det_windows=args.det_windows, n_query=args.n_query, episodes=args.episodes,
+                    det_windows=args.det_windows, det_steps=args.det_steps or 1,
+                    n_query=args.n_query, episodes=args.episodes,
                     knn_k=min(args.knn_k, default=0), shots=min(args.shots, default=0))
     for k, v in positive.items():
         if v < 1:
             raise UserError(f"--{k} {v}: must be >= 1")
     if args.n_way < 2 or not args.seeds:
         raise UserError(f"--n_way {args.n_way} must be >= 2 and --seeds non-empty")
-    if not all(0 < r <= 1 for r in args.ratios + args.ratio):
-        raise UserError(f"--ratios {args.ratios + args.ratio}: labelled fractions in (0, 1]")
+    if not all(0 < r <= 1 for r in (args.ratios or []) + args.ratio):
+        raise UserError(f"--ratios {(args.ratios or []) + args.ratio}: labelled fractions in (0, 1]")
+    if not args.tiou or not all(0 < t <= 1 for t in args.tiou):
+        raise UserError(f"--tiou {args.tiou}: thresholds in (0, 1]")
     if len(args.occ_ratio) != 2 or not 0 <= args.occ_ratio[0] <= args.occ_ratio[1] <= 1:
         raise UserError(f"--occ_ratio {args.occ_ratio}: expected two values 0 <= lo <= hi <= 1")
-    lds = [load_ckpt(c) for c in args.ckpt]
-    if str(args.dataset or lds[0].ckpt.get("dataset", lds[0].margs.dataset)).startswith("synthetic"):
-        given = args.dataset  # the built-in data: the quick protocol for every flag not given
+    lds = [load_ckpt(c, args.script) for c in args.ckpt]
+    if args.quick or str(args.dataset or lds[0].ckpt.get("dataset", lds[0].margs.dataset)
+                         ).startswith("synthetic"):
+        given = args.dataset  # QUICK for every flag not given (parse_args applies it on synthetic)
         args = common.parse_args(Args, argv + ["--dataset", "synthetic"], quick=QUICK)
-        args.dataset = given
+        args.dataset, args.quick = given, True
     device = common.resolve_device(args.device)
     data_dir = args.data_dir or lds[0].margs.data_dir
     results = Path(args.results or Path(lds[0].path).parent / "results.jsonl")
     results_dir = results.parent
-    for task in args.task:  # every task's protocol values checked before the first one runs
-        if task == "detection":
-            detection_protocol(args)
-        else:
+    for task in args.task:  # every task's protocol values and data checked before the first runs
+        for ld in lds:
+            if task == "detection":  # untrimmed raw arrays: windows are normalised here
+                detection_protocol(args, ld)
+                continue
             kind = "finetune" if task in ("semi", "finetune", "transfer") else "linear"
-            for ld in lds:
-                protocol(args, ld, kind, *resolve_target(args, ld, task))
+            dataset, split = resolve_target(args, ld, task)
+            protocol(args, ld, kind, dataset, split)
+            common.check_data_prep(data_dir, dataset, split, ld.z_align, args.allow_data_mismatch,
+                                   ld.script)
     for task in args.task:
         dataset, split = resolve_target(args, lds[0], task)
         common.seed_everything(args.seed)
         t0 = time.time()
         metrics = run_task(task, lds, args, device, data_dir, dataset, split, results_dir, False)
-        rec = dict(task=task, method=lds[0].method, ckpt=[l.path for l in lds], dataset=dataset,
-                   split=split, metrics=metrics)
+        rec = dict(task=task, method=lds[0].method, script=lds[0].script, ckpt=[l.path for l in lds],
+                   dataset=dataset, split=split, metrics=metrics)
         if args.baseline == "random":
             common.seed_everything(args.seed)
             base = run_task(task, lds, args, device, data_dir, dataset, split, results_dir, True)
@@ -1308,10 +1641,9 @@ def main(argv=None):
             cfg["protocol"] = {k: v for k, v in protocol(args, lds[0], "finetune", dataset,
                                                          split).items() if not k.endswith("_parsed")}
         else:
-            cfg["protocol"] = detection_protocol(args)
+            cfg["protocol"] = detection_protocol(args, lds[0])
         cfg["encoder_args"] = lds[0].ckpt["args"]
-        line = json.dumps(rec)
-        print(line, flush=True)
+        print(json.dumps(rounded(rec)), flush=True)  # stdout: only these JSON lines
         common.append_jsonl(results, {**rec, "time": time.time(), "config": cfg})
 
 

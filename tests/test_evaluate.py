@@ -1,7 +1,9 @@
 """evaluate.py: detection metrics against hand-worked cases, subset / episode / mask sampling, the
 pre-normalisation, and every task end to end on tiny synthetic data for every method's checkpoint."""
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,18 +71,100 @@ def test_official_ap_ascending_sweep_skips_precision_after_unmatched_removal():
 
 def test_official_matching_is_not_exclusive():
     # g0 [0,10), g1 [5,15) overlap. p1 = g0 exactly; p2 [1,11) has tIoU 9/11 with g0 and 6/14 with
-    # g1: official assigns p2 to g0 as well (g1 never hit); VOC gives p2 to the free g1.
+    # g1: official assigns p2 to g0 as well (g1 never hit).
     gts = [P(1, 0, 10), P(1, 5, 15)]
     props = [P(1, 0, 10, 0.9), P(1, 1, 11, 0.8)]
     assign, count, pos = ev.official_match(sorted(props, key=lambda p: p[3]), gts, 0.3)
     assert assign == [0, 0] and count == [2, 0] and pos == 1
     # sweep: {p1,p2} P=1/2 R=1/2; drop p2: g0 still hit, P=1 R=1/2 (+0); drop p1: +1 * 1/2.
     assert ev.official_ap(props, gts, 0.3) == pytest.approx(0.5)
-    assert ev.voc_map(props, gts, 0.3)[0] == pytest.approx(1.0)
+    # VOC: p2's best GT is g0 (IoU 10/12 vs 7/15), already taken by p1 -> a false positive
+    assert ev.voc_map(props, gts, 0.3)[0] == pytest.approx(0.5)
     # duplicates are false positives for VOC: the same proposal twice halves the precision step
     dup = [P(1, 0, 10, 0.9), P(1, 0, 10, 0.8)]
     assert ev.voc_map(dup, [P(1, 0, 10)], 0.5)[0] == pytest.approx(1.0)
     assert ev.official_ap(dup, [P(1, 0, 10)], 0.5) == pytest.approx(1.0)
+
+
+def test_voc_map_a_takes_the_best_gt_among_all_not_the_best_unmatched():
+    """Simple-Skeleton-Detection compute_metric_class: a detection's GT is the highest-IoU one of its
+    class and video among ALL of them; when that one is taken the detection is a false positive,
+    even if another GT it overlaps enough is still free."""
+    # Inclusive frames (eval_detect_mAP's iou_ratio). GT a = [0, 19], b = [12, 31] (class 2, video v).
+    # d1 [0, 19] conf .9: IoU(a) 1 -> TP, takes a.
+    # d2 [4, 23] conf .8: IoU(a) = 16 / 24 = .667, IoU(b) = 12 / 28 = .429; best is a (taken) -> FP.
+    #   (the best-still-unmatched rule would give d2 to b: a TP)
+    # d3 [12, 31] conf .7: IoU(b) 1 -> TP.  At tIoU 0.4: TP FP TP, 2 GT.
+    # Official: recall .5 .5 1, precision 1 .5 .667 -> envelope 1, .667, .667 ->
+    #   AP = .5 * 1 + .5 * 2/3 = 5/6.   Best-unmatched rule: d2 TP, d3's best b taken -> TP TP FP ->
+    #   recall .5 1 1, precision 1 1 .667 -> AP = 1.
+    gts = [P(2, 0, 19), P(2, 12, 31)]
+    dets = [P(2, 0, 19, 0.9), P(2, 4, 23, 0.8), P(2, 12, 31, 0.7)]
+    m, aps = ev.voc_map(dets, gts, 0.4)
+    assert m == pytest.approx(5 / 6) and aps == {2: pytest.approx(5 / 6)}
+    assert ev.voc_map(dets, gts, 0.4)[0] == _voc_map_reference(dets, gts, 0.4)
+    # equal confidences keep their input order (a stable sort): d2 before d1 -> d2 takes a, d1 FP
+    tie = [P(2, 4, 23, 0.9), P(2, 0, 19, 0.9)]
+    # TP FP: recall .5 .5, precision 1 .5 -> AP .5
+    assert ev.voc_map(tie, gts, 0.4)[0] == pytest.approx(0.5)
+    # classes absent from the ground truth are ignored; the mean runs over the classes present
+    assert ev.voc_map(dets + [P(7, 0, 19, 0.99)], gts, 0.4)[0] == pytest.approx(5 / 6)
+
+
+def _voc_map_reference(dets, gts, theta):
+    """The official rule written out plainly, independently of evaluate.py: per class, detections by
+    decreasing score; IoU on inclusive frames against every same-class GT of the video; the first
+    maximum is the candidate; TP iff IoU >= theta and the candidate is free; AP = sum over recall
+    steps of the best precision at that recall or beyond."""
+    aps = []
+    for c in sorted({g[0] for g in gts}):
+        g_c = [g for g in gts if g[0] == c]
+        d_c = sorted([d for d in dets if d[0] == c], key=lambda d: -d[3])
+        free = [True] * len(g_c)
+        flags = []
+        for d in d_c:
+            ious = []
+            for g in g_c:
+                inter = min(d[2], g[2]) - max(d[1], g[1]) + 1
+                union = (d[2] - d[1] + 1) + (g[2] - g[1] + 1) - inter
+                ious.append(inter / union if inter > 0 and g[4] == d[4] else 0.0)
+            j = int(np.argmax(ious)) if ious else -1
+            hit = j >= 0 and ious[j] > 0 and ious[j] >= theta and free[j]
+            if hit:
+                free[j] = False
+            flags.append(hit)
+        tp = np.cumsum(flags)
+        rec = tp / len(g_c) if len(d_c) else np.zeros(0)
+        prec = tp / np.arange(1, len(d_c) + 1) if len(d_c) else np.zeros(0)
+        ap, prev_r = 0.0, 0.0
+        for i in range(len(d_c)):
+            if rec[i] > prev_r:
+                ap += (rec[i] - prev_r) * prec[i:].max()
+                prev_r = rec[i]
+        aps.append(ap)
+    return float(np.mean(aps)) if aps else 0.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_voc_map_a_equals_a_plain_implementation_of_the_official_rule(seed):
+    """Random overlapping GT and detections over several videos and classes (distinct scores: no
+    ties), every threshold: the same value as the plain reference."""
+    rng = np.random.RandomState(seed)
+    gts, dets = [], []
+    for v in range(4):
+        for _ in range(rng.randint(2, 8)):
+            s = int(rng.randint(0, 200))
+            gts.append((int(rng.randint(1, 4)), s, s + int(rng.randint(5, 60)), 1.0, f"v{v}"))
+    scores = rng.permutation(1000)[:60] / 1000.0
+    for k in range(60):
+        g = gts[rng.randint(len(gts))]
+        jitter = rng.randint(-15, 16, size=2)
+        s, e = g[1] + int(jitter[0]), g[2] + int(jitter[1])
+        label = g[0] if rng.uniform() < 0.8 else int(rng.randint(1, 4))
+        dets.append((label, min(s, e), max(s, e), float(scores[k]), g[4]))
+    for theta in (0.1, 0.3, 0.5, 0.7):
+        assert ev.voc_map(dets, gts, theta)[0] == pytest.approx(_voc_map_reference(dets, gts, theta),
+                                                               abs=1e-12)
 
 
 def test_official_ap_tie_goes_to_later_gt_and_theta_is_inclusive():
@@ -304,8 +388,8 @@ EVAL = ["--epochs", "1", "--batch_size", "32", "--eval_batch", "64",
         "--seeds", "0", "1", "--ratios", "0.1", "--ratio", "0.05", "--shots", "1", "2",
         "--n_query", "2", "--episodes", "20", "--det_windows", "2", "--occ_k", "20"]
 # Each method also exercises one option of its own.
-EXTRA = {"usdrl": ["--finetune"], "scd_net": ["--balanced"], "mcc": ["--baseline", "random"],
-         "pcm3pp": ["--no_cache"]}
+EXTRA = {"usdrl": ["--det_protocol", "dense"], "scd_net": ["--balanced", "--det_protocol", "dense"],
+         "mcc": ["--baseline", "random"], "pcm3pp": ["--no_cache"]}
 
 
 def _env():
@@ -344,16 +428,51 @@ def ckpts(eval_data, tmp_path_factory):
     return {m: out / m / "last.pt" for m in METHODS}
 
 
+def tree_hash(folder) -> str:
+    """Names, sizes, modification times and contents of every file under `folder` (symlinks
+    followed): any file written, replaced, added or removed changes it."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder, followlinks=True)):
+        dirs.sort()
+        for name in sorted(files):
+            f = Path(root) / name
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def runs(ckpts, eval_data):
-    """Every task of every method's checkpoint, one evaluate.py process per method."""
+    """Every task of every method's checkpoint, one evaluate.py process per method, plus an
+    ensemble; the data folder's hash before and after all of them."""
+    before = tree_hash(eval_data)
     cmds = [["evaluate.py", "--ckpt", ckpts[m], "--task", *TASKS, "--data_dir", eval_data, *EVAL,
              *EXTRA[m]] for m in METHODS]
-    return dict(zip(METHODS, _parallel(cmds)))
+    cmds.append(["evaluate.py", "--ckpt", ckpts[METHODS[0]], ckpts[METHODS[0]], "--task",
+                 "ensemble", "--data_dir", eval_data, "--epochs", "1", "--results",
+                 Path(ckpts[METHODS[0]]).parent.parent / "ensemble_results.jsonl"])
+    procs = _parallel(cmds)
+    return dict(zip(METHODS + ["ensemble"], procs), hashes=(before, tree_hash(eval_data)))
 
 
 def _records(proc):
-    return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    """stdout holds JSON result lines only (messages and progress go to stderr)."""
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_every_task_leaves_the_data_folder_alone_and_prints_only_json(runs):
+    before, after = runs["hashes"]
+    assert before == after
+    for name in METHODS + ["ensemble"]:
+        proc = runs[name]
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        recs = _records(proc)  # every line parses
+        assert [r["task"] for r in recs] == (TASKS if name != "ensemble" else ["ensemble"])
+        # printed numbers have at most 2 decimals
+        for r in recs:
+            floats = re.findall(r"-?\d+\.\d+(?:e-?\d+)?", json.dumps(r["metrics"]))
+            assert all(len(f.split(".")[1]) <= 2 for f in floats if "e" not in f), name
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -369,8 +488,10 @@ def test_every_task_end_to_end(method, runs, ckpts, eval_data):
     assert lin["top5_final"] >= lin["top1_final"] and lin["n_train"] == 120
     assert lin["features_cached"] == (method in ("usdrl", "scd_net"))  # deterministic train crop
     assert set(recs["knn"]["metrics"]) >= {"k1_top1", "k10_weighted_top1", "k20_weighted_top1"}
+    assert lin["top5_best"] >= lin["top5_final"] and lin["top5_best"] >= lin["top5_at_best_top1"]
     semi = recs["semi"]["metrics"]
-    assert len(semi["ratio_0.05"]["runs"]) == 2
+    assert len(semi["ratio_0.05"]["runs"]) == 2 and semi["ratio_0.05"]["n_runs"] == 2
+    assert semi["ratio_0.05"]["top1_final_std"] is not None
     # the headline is the first ratio's (--ratios before --ratio), and says so
     assert semi["headline_ratio"] == 0.1
     assert semi["top1_final_mean"] == semi["ratio_0.1"]["top1_final_mean"]
@@ -387,8 +508,14 @@ def test_every_task_end_to_end(method, runs, ckpts, eval_data):
     det = recs["detection"]["metrics"]
     for th in (0.1, 0.3, 0.5, 0.7):
         for k in ("official_mAP_action", "official_mAP_video", "voc_mAP_a"):
-            assert 0 <= det[f"{k}@{th:g}"] <= 100
-    assert det["head"] == ("finetune" if method == "usdrl" else "frozen_linear")
+            assert 0 <= det["final"][f"{k}@{th:g}"] <= 100
+            assert 0 <= det["best"][f"{k}@{th:g}"] <= 100
+    assert det["final"]["epoch"] == 1 and det["best"]["selected_by"] == "voc_mAP_a@0.5 on the test set"
+    assert det["mode"] == ("finetune" if method == "usdrl" else "frozen")  # each paper's table
+    assert det["mode_from"].startswith("default of protocol")
+    assert det["det_protocol"] == ("dense" if method in ("usdrl", "scd_net") else "ssd")
+    assert Path(det["proposal_dir"]).name == f"proposals_synthetic_untrimmed_{det['det_protocol']}_" \
+                                             f"{det['mode']}"
     videos = (Path(eval_data) / "synthetic_untrimmed/xsub/val_video_name.txt").read_text().split()
     files = sorted(Path(det["proposal_dir"]).glob("*.txt"))
     assert [f.stem for f in files] == sorted(videos)  # one file per test video, even if empty
@@ -470,15 +597,16 @@ def test_protocol_defaults_transfer_split_and_usdrl_pku2_crop():
     ld = ev.Loaded("x.pt", "usdrl", None, type("A", (), {"dataset": "ntu60", "split": "xview"})(),
                    {"dataset": "ntu60", "split": "xview"})
     assert ev.resolve_target(args, ld, "linear") == ("ntu60", "xview")
-    assert ev.resolve_target(args, ld, "transfer") == ("pku2", "xsub")  # protocols.md 4
+    assert ev.resolve_target(args, ld, "transfer") == ("pku2", "xsub")  # the papers' transfer
     assert ev.protocol(args, ld, "linear", "pku2", "xsub")["train_crop_parsed"] == ("center", 0.5)
     assert ev.protocol(args, ld, "linear", "ntu60", "xview")["train_crop_parsed"] == ("center", 1.0)
     assert args.dtype == "fp32"
 
 
-# (lr, batch, epochs, milestones, train crop, test crop, eval_every, weight decay, nesterov) from
-# specs/methods.md 1.6, 2.6, 3A and protocols.md 1, 3, 5 (MCC: ST-GCN's recipe, PCM3's linear).
-SPEC_PROTOCOLS = {
+# (lr, batch, epochs, milestones, train crop, test crop, eval_every, weight decay, nesterov) of the
+# official evaluation scripts: USDRL scripts/recog.sh, SCD-Net's README and log, PCM3's linear and
+# CMD's semi-supervised scripts (MCC: ST-GCN's recipe for fine-tuning, PCM3's linear protocol).
+OFFICIAL_PROTOCOLS = {
     ("usdrl", "linear"):
         (0.006, 512, 160, [120, 140], ("center", 1.0), ("center", 1.0), 5, 0.0, False),
     ("scd_net", "linear"):
@@ -498,14 +626,14 @@ SPEC_PROTOCOLS = {
 }
 
 
-@pytest.mark.parametrize("method,kind", sorted(SPEC_PROTOCOLS))
+@pytest.mark.parametrize("method,kind", sorted(OFFICIAL_PROTOCOLS))
 def test_protocol_values_per_method(method, kind):
     args = common.parse_args(ev.Args, ["--ckpt", "x.pt"])
     ld = ev.Loaded("x.pt", method, None, None, {})
     p = ev.protocol(args, ld, kind, "ntu60", "xsub")
     got = (p["lr"], p["batch_size"], p["epochs"], list(p["milestones"]), p["train_crop_parsed"],
            p["test_crop_parsed"], p["eval_every"], p["weight_decay"], p["nesterov"])
-    assert got == SPEC_PROTOCOLS[method, kind] and p["momentum"] == 0.9
+    assert got == OFFICIAL_PROTOCOLS[method, kind] and p["momentum"] == 0.9
     assert ev.protocol(common.parse_args(ev.Args, ["--ckpt", "x.pt", "--lr", "0.5"]), ld, kind,
                        "ntu60", "xsub")["lr"] == 0.5  # a flag overrides the method's default
 
@@ -531,8 +659,16 @@ def test_detection_protocol_values():
     p = ev.detection_protocol(args)
     assert (p["lr"], p["batch_size"], p["epochs"], p["milestones"], p["nesterov"],
             p["weight_decay"], p["momentum"]) == (0.01, 64, 60, [40], True, 0.0, 0.9)
-    args.finetune = True
+    assert p["eval_every"] == 5 and p["det_protocol"] == "ssd" and p["mode"] == "frozen"
+    args.det_mode = "finetune"
     assert ev.detection_protocol(args)["milestones"] == [50]
+    args.det_mode = None  # the default mode is each paper's: USDRL fine-tunes, PCM3++ is frozen
+    for method, mode, steps in (("usdrl", "finetune", 32), ("pcm3pp", "frozen", 16),
+                                ("scd_net", "frozen", 32), ("mcc", "frozen", 16)):
+        ld = ev.Loaded("x.pt", method, None, type("A", (), {"window": 32})(), {})
+        p = ev.detection_protocol(args, ld)
+        assert (p["mode"], p["steps"]) == (mode, steps), method
+        assert p["milestones"] == ([50] if mode == "finetune" else [40])
 
 
 def test_detection_z_align_follows_the_training_data(tmp_path, tiny_data):
@@ -602,7 +738,8 @@ def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
     ck = torch.load(ckpts[METHODS[0]], weights_only=True)
     unknown = tmp_path / "unknown.pt"
     torch.save({**ck, "method": "resnet"}, unknown)
-    with pytest.raises(common.UserError, match="unknown method 'resnet'"):
+    with pytest.raises(common.UserError, match="written by 'resnet.py', not one of this repository's "
+                                               "scripts .*; pass --script <path of resnet.py>"):
         ev.main(["--ckpt", str(unknown)])
     with pytest.raises(common.UserError, match="unknown task"):
         ev.main(["--ckpt", str(ckpts[METHODS[0]]), "--task", "lineer"])
@@ -630,3 +767,77 @@ def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     assert p.stderr.startswith("error: ") and "truncated" in p.stderr
+
+
+def test_a_missing_synthetic_set_is_generated_beside_existing_ones(tmp_path, monkeypatch, capsys):
+    """transfer / fewshot need synthetic_ext, detection synthetic_untrimmed: a missing set is
+    written into its own new folder; the sets already there (here the tiny ones, which the
+    default-size generation used to replace) stay byte for byte, and stdout stays empty."""
+    monkeypatch.setitem(data_prep.SIZES, "default", data_prep.SIZES["tiny"])  # fast, meta differs
+    data_prep.prepare_synthetic(tmp_path, "synthetic", size="tiny", quiet=True)
+    before = {n: tree_hash(tmp_path / n) for n in ("synthetic", "synthetic_untrimmed")}
+    capsys.readouterr()
+    split = common.load_split(tmp_path, "synthetic_ext", "xsub", "train")
+    assert split.num_classes == 30
+    out = capsys.readouterr()
+    assert out.out == "" and "generating the built-in synthetic_ext" in out.err
+    assert {n: tree_hash(tmp_path / n) for n in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic", "synthetic_ext",
+                                                           "synthetic_untrimmed"]
+    # the untrimmed set alone missing: only it is written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "synthetic").symlink_to(tmp_path / "synthetic")
+    u = ev.load_untrimmed(other, "synthetic_untrimmed", "val")
+    assert len(u.videos) > 0 and tree_hash(tmp_path / "synthetic") == before["synthetic"]
+    assert sorted(p.name for p in other.iterdir()) == ["synthetic", "synthetic_untrimmed"]
+    # a folder that exists without the split is reported, never regenerated
+    foreign = tmp_path / "foreign"
+    (foreign / "synthetic_ext").mkdir(parents=True)
+    (foreign / "synthetic_ext" / "notes.txt").write_text("mine")
+    with pytest.raises(common.UserError, match="train_data_joint.npy: not found"):
+        common.load_split(foreign, "synthetic_ext", "xsub", "train")
+    assert [p.name for p in (foreign / "synthetic_ext").iterdir()] == ["notes.txt"]
+
+
+def test_semi_with_one_seed_reports_one_run_and_no_std(ckpts, eval_data, tmp_path):
+    res = tmp_path / "r.jsonl"
+    ev.main(["--ckpt", str(ckpts["mcc"]), "--task", "semi", "--data_dir", eval_data, "--epochs", "1",
+             "--batch_size", "32", "--eval_batch", "64", "--seeds", "0", "--results", str(res)])
+    m = json.loads(res.read_text().splitlines()[-1])["metrics"]
+    assert list(m)[:2] == ["ratio_0.05", "ratio_0.1"]  # MCC's paper: 5% and 10% labels
+    for r in ("ratio_0.05", "ratio_0.1"):
+        assert m[r]["n_runs"] == 1 and m[r]["top1_final_std"] is None
+        assert m[r]["top1_best_std"] is None and m[r]["top1_final_mean"] == m[r]["runs"][0]
+    assert m["headline_ratio"] == 0.05
+
+
+def test_help_shows_each_default_once(capsys):
+    ev.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: [])" not in out and "(default: )" not in out
+    blocks = re.split(r"\n  (?=-)", out.split("options:")[1])
+    assert len(blocks) > 50
+    for b in blocks:  # one flag's text: its default named at most once
+        assert " ".join(b.split()).count("default") <= 1, b
+    assert "--det_protocol {ssd,dense}" in out and "--script SCRIPT" in out
+    for k, v in ev.QUICK.items():  # the quick config is stated
+        assert f"--{k} {v[0] if isinstance(v, list) else v}" in " ".join(out.split())
+
+
+def test_quick_protocol_shortens_the_schedules_unless_given():
+    quick = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick"])
+    for method, kind, epochs, milestones in (("usdrl", "finetune", 10, [6, 9]),
+                                             ("mcc", "finetune", 10, [1, 6]),
+                                             ("scd_net", "linear", 10, [6, 9]),
+                                             ("pcm3pp", "linear", 10, [2, 5, 8])):
+        ld = ev.Loaded("x.pt", method, None, None, {})
+        p = ev.protocol(quick, ld, kind, "ntu60", "xsub")
+        assert (p["epochs"], p["milestones"]) == (epochs, milestones), (method, kind)
+        full = ev.protocol(common.parse_args(ev.Args, ["--ckpt", "x.pt"]), ld, kind, "ntu60", "xsub")
+        assert full["epochs"] == OFFICIAL_PROTOCOLS[method, kind][2]
+    p = ev.detection_protocol(quick)
+    assert (p["epochs"], p["milestones"]) == (20, [13])
+    given = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick", "--epochs", "30"])
+    ld = ev.Loaded("x.pt", "usdrl", None, None, {})
+    assert ev.protocol(given, ld, "finetune", "ntu60", "xsub")["milestones"] == [50, 70]
