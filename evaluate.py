@@ -78,6 +78,7 @@ Decisions where the official sources say nothing:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -349,9 +350,13 @@ def load_ckpt(path: str, script: str | None = None) -> Loaded:
     return ld
 
 
-def build_encoder(ld: Loaded, random_init: bool, seed: int, device) -> nn.Module:
+def build_encoder(ld: Loaded, random_init: bool, seed: int, device, finetune: bool = False
+                  ) -> nn.Module:
     torch.manual_seed(seed)
-    enc = ld.module.Encoder(ld.margs)
+    margs = ld.margs
+    if finetune and hasattr(margs, "finetune_dropout"):  # MCC: ST-GCN's dropout when fine-tuned
+        margs = dataclasses.replace(margs, dropout=margs.finetune_dropout)
+    enc = ld.module.Encoder(margs)
     if not random_init:
         common.load_state(enc, ld.ckpt["encoder"], ld.path, f"{ld.script}'s Encoder")
     return enc.to(device).eval()
@@ -1444,9 +1449,11 @@ def run_task(task, lds, args, device, data_dir, dataset, split, results_dir, ran
             streams.append(dict(ckpt=l.path, method=l.method, modality=l.margs.modality, weight=w,
                                 top1=m["top1_final"]))
         return dict(top1=topk_acc(scores, y, 1), top5=topk_acc(scores, y, 5), streams=streams)
-    enc = build_encoder(ld, random_init, args.seed, device)
+    det = detection_protocol(args, ld) if task == "detection" else None
+    finetune = task in ("semi", "finetune", "transfer") or bool(det and det["mode"] == "finetune")
+    enc = build_encoder(ld, random_init, args.seed, device, finetune)
     if task == "detection":
-        p = detection_protocol(args, ld)
+        p = det
         pdir = Path(args.proposal_dir or
                     results_dir / f"proposals_{dataset}_{p['det_protocol']}_{p['mode']}")
         return detection_eval(enc, ld, args, device, dataset, data_dir,

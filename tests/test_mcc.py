@@ -483,3 +483,15 @@ def test_paper_config_steps_stay_finite(tiny_data):
         model.enqueue(k.detach(), torch.arange(4 * step, 4 * step + 4))
         itep.append(terms["itep"].item())
     assert all(math.isfinite(v) and v < 10 * itep[0] for v in itep) and itep[-1] < itep[0], itep
+
+
+def test_evaluate_fine_tunes_with_finetune_dropout():
+    # pre-training runs without dropout; evaluate.py's fine-tuning tasks use ST-GCN's 0.5
+    import types
+
+    import evaluate
+    ld = types.SimpleNamespace(module=mcc, margs=mcc.Args(base_width=4))
+    rates = {task: {m.p for m in evaluate.build_encoder(ld, True, 0, "cpu", finetune=ft).modules()
+                    if isinstance(m, torch.nn.Dropout)} for task, ft in (("linear", False),
+                                                                         ("finetune", True))}
+    assert rates == {"linear": {0.0}, "finetune": {0.0, 0.5}}  # block 1 never has dropout
