@@ -85,7 +85,7 @@ T_REAL = 300    # frames stored for real data (2s-AGCN gendata)
 T_SYNTH = 150   # frames stored for synthetic data (clips are 40..120 frames long)
 MAX_BODY_KINECT = 4
 MAX_BODY = 2
-PKU_LABELS = 51  # raw PKU-MMD I/II label IDs run 1..51 (protocols.md section 8)
+PKU_LABELS = 51  # raw PKU-MMD I/II label IDs run 1..51 (the datasets' Actions.xlsx)
 NTU60_TRAIN_SUBJECTS = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
 NTU120_TRAIN_SUBJECTS = NTU60_TRAIN_SUBJECTS + (
     45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86, 89,
@@ -94,7 +94,7 @@ NTU_XVIEW_TRAIN_CAMERAS = (2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2s-AGCN gendata: body selection and pre-normalisation (specs/methods.md 0.2, protocols 8.3)
+# 2s-AGCN gendata: body selection and pre-normalisation (2s-AGCN data_gen/ntu_gendata.py, preprocess.py)
 # ----------------------------------------------------------------------------------------------
 def select_bodies(bodies: np.ndarray, max_body: int = MAX_BODY) -> np.ndarray:
     """(B<=4, T, 25, 3) float32 slots (slot = position in the frame's body list, not bodyID) ->

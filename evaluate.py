@@ -77,7 +77,6 @@ Decisions where the official sources say nothing:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -270,16 +269,6 @@ class Args:
 # and the trained protocols shortened to QUICK_EPOCHS with their lr milestones scaled alike.
 QUICK = dict(seeds=[0], episodes=600, eval_every=10)
 QUICK_EPOCHS = {"linear": 10, "finetune": 10, "detection": 20}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows a default only where it says something: not for None / empty / off values and
-    not when the flag's text already names its default."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", [], False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1572,12 +1561,7 @@ def headline(task, m):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        parser = common.build_parser(Args, Args.__doc__)
-        parser.formatter_class = HelpFormatter
-        parser.print_help()
-        return
-    args = common.parse_args(Args, argv)
+    args = common.parse_args(Args, argv, quick=QUICK)
     if not args.ckpt:
         raise UserError("--ckpt: give the checkpoint to evaluate")
     bad = [t for t in args.task if t not in TASKS]

@@ -447,7 +447,7 @@ def test_prepare_pku2_trimmed_clips_and_splits(tmp_path):
 
 
 def test_ntu120_benchmark_membership():
-    """NTU-120 xsub: the 53 training subjects (protocols.md 8.1); xsetup: even setup IDs train."""
+    """NTU-120 xsub: the 53 training subjects of the NTU-120 paper; xsetup: even setup IDs train."""
     subjects = [1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38, 45, 46,
                 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86,
                 89, 91, 92, 93, 94, 95, 97, 98, 100, 103]

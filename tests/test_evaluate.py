@@ -813,7 +813,9 @@ def test_semi_with_one_seed_reports_one_run_and_no_std(ckpts, eval_data, tmp_pat
 
 
 def test_help_shows_each_default_once(capsys):
-    ev.main(["--help"])
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert "(default: None)" not in out and "(default: [])" not in out and "(default: )" not in out
     blocks = re.split(r"\n  (?=-)", out.split("options:")[1])
