@@ -737,7 +737,7 @@ def test_semi_runs_restart_from_the_checkpoint_and_the_baseline_from_random(ckpt
 def test_bad_input_gives_one_clear_error(ckpts, eval_data, tmp_path):
     ck = torch.load(ckpts[METHODS[0]], weights_only=True)
     unknown = tmp_path / "unknown.pt"
-    torch.save({**ck, "method": "resnet"}, unknown)
+    torch.save({**ck, "method": "resnet", "script": "resnet.py"}, unknown)
     with pytest.raises(common.UserError, match="written by 'resnet.py', not one of this repository's "
                                                "scripts .*; pass --script <path of resnet.py>"):
         ev.main(["--ckpt", str(unknown)])
