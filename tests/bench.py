@@ -702,10 +702,10 @@ def write_init_checkpoint(name, argv, path):
         "metrics": {}, "version": common.CKPT_VERSION}, path)
 
 
-def _evaluate(ckpt, seed, opts, results, log):
+def _evaluate(ckpt, seed, opts, results, log, extra=()):
     """evaluate.py --task <--tasks> on one checkpoint: {task: metrics} from its JSON lines."""
     out = _subprocess(["evaluate.py", "--ckpt", ckpt, "--task", *opts.tasks, "--device", "cpu",
-                       "--seed", str(seed), "--results", results], log)
+                       "--seed", str(seed), "--results", results, *extra], log)
     recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["task"]: r["metrics"] for r in recs}
 
@@ -753,7 +753,9 @@ def learning_run(name, seed, opts):
             out.append({**done[kind], "resumed": True})
             continue
         t0 = time.perf_counter()
-        metrics = _evaluate(path, seed, opts, run_dir / f"eval_{kind}.jsonl", run_dir / f"eval_{kind}.log")
+        metrics = _evaluate(path, seed, opts, run_dir / f"eval_{kind}.jsonl",
+                            run_dir / f"eval_{kind}.log",
+                            [a for a in argv if a == "--allow_data_mismatch"])  # as pre-trained
         rec = {"what": "learning", "config": {**base, "encoder": kind},
                **{k: metrics[task][key] for k, (task, key) in LEARNING_METRICS.items() if task in metrics},
                "metrics": metrics, "eval_wall_s": round(time.perf_counter() - t0, 1)}
