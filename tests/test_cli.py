@@ -4,6 +4,7 @@ duplicates a metrics row, errors name what was typed, the printed config can be 
 import dataclasses
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,26 @@ def test_help_shows_each_default_once(mod, capsys):
     assert "quick config" in out and "(quick: " in out
     for f in dataclasses.fields(mod.Args):
         assert f"--{f.name}" in out
+
+
+def test_data_prepared_unlike_the_official_run_is_refused(tiny_data, tmp_path, run_py, capsys):
+    # an "ntu60" folder recorded as z-aligned (data_prep's default): USDRL's official run is not
+    data = tmp_path / "data"
+    folder = data / common.DATASETS["ntu60"][0]
+    (folder / "xsub").mkdir(parents=True)
+    for f in (Path(tiny_data) / "synthetic" / "xsub").iterdir():
+        (folder / "xsub" / f.name).symlink_to(f)
+    (folder / "prep_info.json").write_text(json.dumps({"dataset": "ntu60", "z_align": True}))
+    out = tmp_path / "run"
+    proc = run_py([*TINY[:1], "--dataset", "ntu60", *TINY[3:], "--data_dir", data, "--out_dir", out],
+                  check=False)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1 and not out.exists(), proc.stderr
+    assert "prepared with z-alignment" in err[0] and "--no_z_align" in err[0]
+    assert "--allow_data_mismatch" in err[0]
+    common.check_data_prep(data, "ntu60", "xsub", False, True, "usdrl")  # overridden: no error
+    common.check_data_prep(data, "ntu60", "xsub", True, False, "scd_net")  # z-aligned: as expected
+    (folder / "prep_info.json").unlink()  # prepared elsewhere: accepted with one warning line
+    common.check_data_prep(data, "ntu60", "xsub", False, False, "usdrl")
+    warn = capsys.readouterr().err.splitlines()
+    assert len(warn) == 1 and warn[0].startswith("warning:") and "prep_info.json" in warn[0]
