@@ -268,7 +268,7 @@ class Args:
 # given on the command line (one semi seed, fewer few-shot episodes, test passes every 10 epochs),
 # and the trained protocols shortened to QUICK_EPOCHS with their lr milestones scaled alike.
 QUICK = dict(seeds=[0], episodes=600, eval_every=10)
-QUICK_EPOCHS = {"linear": 10, "finetune": 5, "detection": 20}
+QUICK_EPOCHS = {"linear": 10, "finetune": 4, "detection": 20}
 
 
 # ---------------------------------------------------------------------------------------------

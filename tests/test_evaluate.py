@@ -829,8 +829,8 @@ def test_help_shows_each_default_once(capsys):
 
 def test_quick_protocol_shortens_the_schedules_unless_given():
     quick = common.parse_args(ev.Args, ["--ckpt", "x.pt", "--quick"])
-    for method, kind, epochs, milestones in (("usdrl", "finetune", 5, [3, 4]),
-                                             ("mcc", "finetune", 5, [1, 3]),
+    for method, kind, epochs, milestones in (("usdrl", "finetune", 4, [2, 4]),
+                                             ("mcc", "finetune", 4, [1, 2]),
                                              ("scd_net", "linear", 10, [6, 9]),
                                              ("pcm3pp", "linear", 10, [2, 5, 8])):
         ld = ev.Loaded("x.pt", method, None, None, {})
