@@ -1059,6 +1059,8 @@ def check_data_prep(data_dir: str | os.PathLike, dataset: str, split: str, z_ali
     if dataset.startswith("synthetic"):  # the built-in set has no official run to match
         return
     folder = split_dir(data_dir, dataset, split).parent
+    if not folder.is_dir():  # missing data: load_split names the file in its one error line
+        return
     try:
         recorded = bool(json.loads((folder / "prep_info.json").read_text())["z_align"])
     except (OSError, ValueError, KeyError, TypeError):
