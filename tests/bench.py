@@ -16,9 +16,11 @@ train          one iteration of each script's training loop (views, forward, los
 official_step  our step against a port of the official step (scd_net, pcm3pp, mcc), same_loss check.
 linear_cache   evaluate.py's linear protocol with cached features against re-encoding every epoch.
 learning       per method and seed: pre-train with the script (--quick, LEARNING_BUDGET), evaluate.py
-               --task linear knn on the trained encoder and on the one the run started from; per method
-               the paired difference and its standard error; the raw-input reference (linear, 1-NN on
-               flattened clips). One result file per run under --out: a rerun resumes.
+               --task linear knn on the trained encoder and on the one the run started from (linear
+               head trained on test-crop features unless --linear_train_crop protocol), and a linear
+               head trained to convergence on those cached features; per method the paired difference
+               and its standard error; the raw-input reference (linear, 1-NN on flattened clips). One
+               result file per run under --out: a rerun resumes.
 
 One JSON line per measurement, a summary line last. Compared implementations run interleaved after
 a warm-up; ratios are wall (and CPU-time) ratios of medians, rounded down.
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import evaluate  # noqa: E402
 import mcc  # noqa: E402
 import pcm3pp  # noqa: E402
 import scd_net  # noqa: E402
@@ -635,6 +638,7 @@ def bench_linear_cache(opts):
 LEARNING_BUDGET = {"usdrl": {"epochs": 30}, "scd_net": {"epochs": 22, "lr_steps": [18]},
                    "pcm3pp": {"epochs": 24, "lr_steps": [21]}, "mcc": {"epochs": 12, "lr_steps": [10]}}
 LEARNING_METRICS = {"linear_top1": ("linear", "top1_final"), "knn_k1_top1": ("knn", "k1_top1"),
+                    "linear_converged_top1": ("linear_converged", "top1"),
                     "finetune_top1": ("finetune", "top1_final")}  # finetune: with --tasks ... finetune
 _init_lock = threading.Lock()  # seed_everything + Model(args) use the process-wide RNG
 
@@ -721,14 +725,26 @@ def _read_result(path, config):
     return rec
 
 
+def learning_eval_args(name, argv, opts):
+    """evaluate.py flags of a learning run: the data check as pre-trained, and with
+    --linear_train_crop test the linear head trains on features of the protocol's test crop."""
+    out = [a for a in argv if a == "--allow_data_mismatch"]
+    linear = evaluate.PROTOCOLS[METHODS[name].mod.PROTOCOL]["linear"]
+    if opts.linear_train_crop == "test" and linear["train_crop"] != linear["test_crop"]:
+        out += ["--train_crop", linear["test_crop"]]  # encoded once, not re-encoded every epoch
+    return out
+
+
 def learning_run(name, seed, opts):
     """Pre-train one (method, seed), then evaluate the trained and the initial encoder. Returns the
     two records; each is read from its result file when a previous invocation finished it."""
     run_dir = opts.out / f"{opts.dataset}_{opts.split}" / f"{name}_seed{seed}"
     argv = pretrain_argv(name, seed, opts, run_dir / "pretrain")
     command = f"python {name}.py {shlex.join(argv)}".replace(str(run_dir), "<run>")
+    eval_args = learning_eval_args(name, argv, opts)
+    test_crop = evaluate.PROTOCOLS[METHODS[name].mod.PROTOCOL]["linear"]["test_crop"]
     base = {"method": name, "seed": seed, "dataset": opts.dataset, "split": opts.split,
-            "pretrain": command, "tasks": list(opts.tasks)}
+            "pretrain": command, "tasks": list(opts.tasks), "eval_args": eval_args}
     files = {k: run_dir / f"result_{k}.json" for k in ("trained", "random")}
     done = {k: _read_result(f, {**base, "encoder": k}) for k, f in files.items()}
     if all(done.values()):
@@ -754,8 +770,8 @@ def learning_run(name, seed, opts):
             continue
         t0 = time.perf_counter()
         metrics = _evaluate(path, seed, opts, run_dir / f"eval_{kind}.jsonl",
-                            run_dir / f"eval_{kind}.log",
-                            [a for a in argv if a == "--allow_data_mismatch"])  # as pre-trained
+                            run_dir / f"eval_{kind}.log", eval_args)
+        metrics["linear_converged"] = converged_linear(path, test_crop, opts)
         rec = {"what": "learning", "config": {**base, "encoder": kind},
                **{k: metrics[task][key] for k, (task, key) in LEARNING_METRICS.items() if task in metrics},
                "metrics": metrics, "eval_wall_s": round(time.perf_counter() - t0, 1)}
@@ -779,9 +795,47 @@ def _flat_clips(split, window):
     return torch.cat(out)
 
 
+def fit_logistic(xtr, ytr, xte, yte, num_classes, l2=1e-4):
+    """Multinomial logistic regression trained to convergence (L-BFGS from zero weights, L2 `l2` on
+    the weights, features standardised on the training split): (test top-1, train top-1) in %."""
+    mean, std = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    head = nn.Linear(xtr.shape[1], num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=500, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xtr), ytr) + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return (100.0 * (head(xte).argmax(1) == yte).float().mean().item(),
+                100.0 * (head(xtr).argmax(1) == ytr).float().mean().item())
+
+
+def converged_linear(ckpt, crop, opts):
+    """The encoder's features of every training and test clip at the protocol's test crop, encoded
+    once, and a logistic regression trained on them to convergence (fit_logistic)."""
+    t0 = time.perf_counter()
+    with redirect_stderr(io.StringIO()):
+        ld = evaluate.load_ckpt(str(ckpt))
+        enc = evaluate.build_encoder(ld, False, 0, torch.device("cpu"))
+        ea = SimpleNamespace(eval_batch=256, num_workers=0, dtype="fp32")
+        crop = evaluate.parse_crop(crop, "test_crop")
+        feats = [evaluate.extract(enc, ld, common.load_split(opts.data_dir, opts.dataset, opts.split, part),
+                                  crop, ea, torch.device("cpu")) for part in ("train", "val")]
+    (xtr, ytr), (xte, yte) = feats
+    top1, train_top1 = fit_logistic(xtr, ytr, xte, yte, int(max(ytr.max(), yte.max())) + 1)
+    return {"top1": round(top1, 2), "train_top1": round(train_top1, 2), "crop": crop[0] + f":{crop[1]}",
+            "feature_dim": int(xtr.shape[1]), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def raw_reference(opts):
-    """Linear classifier (multinomial logistic regression, L-BFGS to convergence, L2 1e-4, features
-    standardised on the training split) and cosine 1-NN on the flattened raw clips."""
+    """Linear classifier (fit_logistic) and cosine 1-NN on the flattened raw clips."""
     path = opts.out / f"{opts.dataset}_{opts.split}" / "raw_reference.json"
     config = {"dataset": opts.dataset, "split": opts.split, "window": opts.raw_window}
     rec = _read_result(path, config)
@@ -792,26 +846,10 @@ def raw_reference(opts):
     xtr, xte = _flat_clips(train, opts.raw_window), _flat_clips(test, opts.raw_window)
     ytr, yte = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     nn1 = (F.normalize(xte, dim=1) @ F.normalize(xtr, dim=1).T).argmax(1)
-    mean, std = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    head = nn.Linear(xtr.shape[1], train.num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=500, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(head(xtr), ytr) + 1e-4 * head.weight.square().sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        rec = {"what": "learning_raw_reference", "config": config, "features": xtr.shape[1],
-               "n_train": len(ytr), "n_test": len(yte),
-               "linear_top1": 100.0 * (head(xte).argmax(1) == yte).float().mean().item(),
-               "linear_train_top1": 100.0 * (head(xtr).argmax(1) == ytr).float().mean().item(),
-               "knn_k1_top1": 100.0 * (ytr[nn1] == yte).float().mean().item()}
+    top1, train_top1 = fit_logistic(xtr, ytr, xte, yte, train.num_classes)
+    rec = {"what": "learning_raw_reference", "config": config, "features": xtr.shape[1],
+           "n_train": len(ytr), "n_test": len(yte), "linear_top1": top1, "linear_train_top1": train_top1,
+           "knn_k1_top1": 100.0 * (ytr[nn1] == yte).float().mean().item()}
     common.save_json(rec, path)
     return {**rec, "resumed": False}
 
@@ -919,6 +957,10 @@ def parse_opts(argv=None):
     g.add_argument("--epochs", type=int, default=None, help="pre-training epochs of every method "
                    "instead of LEARNING_BUDGET's")
     g.add_argument("--tasks", nargs="+", default=["linear", "knn"], help="evaluate.py tasks")
+    g.add_argument("--linear_train_crop", default="test", choices=["test", "protocol"],
+                   help="crop of the linear protocol's training features: test = the protocol's test "
+                   "crop, encoded once (PCM3++ and MCC train on random crops, re-encoded every epoch "
+                   "with 'protocol': ~10x slower on a CPU)")
     g.add_argument("--raw_window", type=int, default=64, help="frames of the raw-input reference clips")
     g.add_argument("--out", default="bench_out/learning", help="result files (a rerun resumes from them)")
     g.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")

@@ -65,6 +65,25 @@ def test_learning_summary_pairs_the_seeds():
     assert knn["diff_mean"] == 0 and knn["diff_se"] == 0 and not knn["ahead"]
 
 
+def test_fit_logistic_converges_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 4
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    assert bench.fit_logistic(x[:100], y[:100], x[100:], y[100:], 4) == (100.0, 100.0)
+    noise = torch.randn(200, 16, generator=g)  # features that carry no label: near chance
+    assert bench.fit_logistic(noise[:100], y[:100], noise[100:], y[100:], 4)[0] < 60
+
+
+def test_learning_linear_trains_on_the_test_crop_unless_protocol():
+    opts = SimpleNamespace(linear_train_crop="test")
+    assert bench.learning_eval_args("pcm3pp", ["--allow_data_mismatch"], opts) == [
+        "--allow_data_mismatch", "--train_crop", "center:0.95"]
+    assert bench.learning_eval_args("mcc", [], opts) == ["--train_crop", "center:0.95"]
+    assert bench.learning_eval_args("scd_net", [], opts) == []  # centre crops both already
+    assert bench.learning_eval_args("pcm3pp", [], SimpleNamespace(linear_train_crop="protocol")) == []
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_init_checkpoint_is_the_runs_starting_encoder(name, tiny_data, tmp_path):
     """At lr 1e-30 one epoch leaves every weight where it started (to within 1e-20): the encoder of
@@ -102,7 +121,11 @@ def test_learning_runs_evaluates_and_resumes(run_py, tiny_data, tmp_path):
         assert r["config"]["seed"] == 0 and not r["resumed"], kind
         assert "--quick --seed 0" in r["config"]["pretrain"] and "--epochs 1" in r["config"]["pretrain"]
         assert 0 <= r["linear_top1"] <= 100 and 0 <= r["knn_k1_top1"] <= 100, kind
-        assert set(r["metrics"]) == {"linear", "knn"}
+        assert set(r["metrics"]) == {"linear", "knn", "linear_converged"}
+        conv = r["metrics"]["linear_converged"]
+        assert r["linear_converged_top1"] == conv["top1"] and 0 <= conv["top1"] <= 100, kind
+        assert conv["crop"] == "center:1.0" and conv["feature_dim"] == r["metrics"]["linear"]["feature_dim"]
+        assert r["config"]["eval_args"] == []  # usdrl's linear protocol already trains on the test crop
     assert runs["trained"]["pretrain_epochs"] == 1 and runs["trained"]["pretrain_steps"] >= 1
     run_dir = out / "synthetic_xsub" / "usdrl_seed0"
     init = torch.load(run_dir / "init.pt", weights_only=True)["encoder"]
