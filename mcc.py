@@ -46,7 +46,8 @@ Z_ALIGN = True  # the shared arrays are z-aligned (MCC released no code of its o
 class Args:
     """MCC pre-training. Defaults = the paper's NTU-60 xsub run with ST-GCN's NTU recipe."""
     dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
-    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai)")
+    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai: xstyle "
+                               "by default)")
     data_dir: str = arg("data", "root folder of the processed datasets")
     out_dir: str = arg("", "output folder; empty: out/mcc_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per clip", choices=["joint", "bone", "motion"])

@@ -44,7 +44,8 @@ Z_ALIGN = True  # the official run reads z-aligned data
 class Args:
     """SCD-Net pre-training. Defaults = the official README run on NTU-60 xsub."""
     dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
-    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai)")
+    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai: xstyle "
+                               "by default)")
     data_dir: str = arg("data", "root folder of the processed datasets")
     out_dir: str = arg("", "output folder; empty: out/scd_net_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per view after the crop and before the "

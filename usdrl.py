@@ -42,7 +42,8 @@ Z_ALIGN = False  # the official run reads data prepared without z-alignment
 class Args:
     """USDRL pre-training. Defaults = the paper's NTU-60 xsub run (scripts/pretrain.sh)."""
     dataset: str = arg("ntu60", "dataset name", choices=list(common.DATASETS))
-    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai)")
+    split: str = arg("xsub", "benchmark split: xsub, xview, xsetup (ntu120), xstyle, xtake (bandai: xstyle "
+                               "by default)")
     data_dir: str = arg("data", "root folder of the processed datasets")
     out_dir: str = arg("", "output folder; empty: out/usdrl_<dataset>_<split>")
     modality: str = arg("joint", "input stream, computed per view after the crop (the official scripts "

@@ -77,6 +77,15 @@ def test_split_error_names_what_was_typed():
 
 
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__)
+def test_a_dataset_without_xsub_defaults_to_its_first_split(mod, capsys):
+    assert common.parse_args(mod.Args, ["--dataset", "bandai", "--quick"], quick=mod.QUICK).split == "xstyle"
+    assert common.parse_args(mod.Args, ["--dataset", "bandai", "--split", "xtake"]).split == "xtake"
+    assert common.parse_args(mod.Args, ["--dataset", "bandai", "--split=xsub"]).split == "xsub"  # as typed
+    assert common.parse_args(mod.Args, ["--dataset", "ntu60"]).split == "xsub"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__)
 def test_banner_flags_parse_back_to_the_same_args(mod, capsys):
     for argv in ([], ["--dataset", "synthetic"], ["--dataset", "synthetic", "--epochs", "7"],
                  ["--quick", "--dataset", "ntu120", "--split", "xset", "--lr_steps", "3", "5",
