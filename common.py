@@ -170,7 +170,7 @@ def parse_args(cls: type, argv: list[str] | None = None, quick: dict | None = No
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     given |= {g[3:] for g in given if g.startswith("no_")}
     splits = DATASETS.get(values.get("dataset"), (None, ()))[1]
-    if "split" not in given and splits and values.get("split") not in splits:
+    if "split" not in given and splits and values.get("split") and values["split"] not in splits:
         values["split"] = splits[0]  # e.g. bandai: xstyle, where the default xsub does not exist
     if quick and (values.get("quick") or str(values.get("dataset", "")).startswith("synthetic")):
         applied = {k: v for k, v in quick.items() if k not in given}

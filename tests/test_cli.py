@@ -85,6 +85,12 @@ def test_a_dataset_without_xsub_defaults_to_its_first_split(mod, capsys):
     capsys.readouterr()
 
 
+def test_an_empty_split_default_is_left_alone():
+    import data_prep  # its --split "" means: read it from the --from_npz file name
+    for dataset in ("ntu60", "bandai"):
+        assert common.parse_args(data_prep.Args, ["--dataset", dataset, "--raw_dir", "x"]).split == ""
+
+
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__)
 def test_banner_flags_parse_back_to_the_same_args(mod, capsys):
     for argv in ([], ["--dataset", "synthetic"], ["--dataset", "synthetic", "--epochs", "7"],
