@@ -676,7 +676,12 @@ def pretrain_argv(name, seed, opts, out_dir):
     """The script's command line of one learning run: --quick, the budget, this seed."""
     argv = ["--dataset", opts.dataset, "--split", opts.split, "--data_dir", str(opts.data_dir), "--quick",
             "--seed", str(seed), "--out_dir", str(out_dir), "--device", "cpu"]
-    budget = {**LEARNING_BUDGET[name], **({"epochs": opts.epochs} if opts.epochs else {})}
+    budget = dict(LEARNING_BUDGET[name])
+    if opts.epochs:  # another length: the lr decay moves with it
+        scale = opts.epochs / budget["epochs"]
+        budget = {**budget, "epochs": opts.epochs,
+                  **({"lr_steps": [max(1, round(s * scale)) for s in budget["lr_steps"]]}
+                     if "lr_steps" in budget else {})}
     for k, v in budget.items():
         argv += [f"--{k}", *map(str, v if isinstance(v, list) else [v])]
     z = None if opts.dataset.startswith("synthetic") else _data_z_align(opts)  # synthetic: exempt
@@ -955,7 +960,7 @@ def parse_opts(argv=None):
     g.add_argument("--data_dir", default="data", help="root of the processed datasets")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pre-training seeds")
     g.add_argument("--epochs", type=int, default=None, help="pre-training epochs of every method "
-                   "instead of LEARNING_BUDGET's")
+                   "instead of LEARNING_BUDGET's (its lr steps scaled alike)")
     g.add_argument("--tasks", nargs="+", default=["linear", "knn"], help="evaluate.py tasks")
     g.add_argument("--linear_train_crop", default="test", choices=["test", "protocol"],
                    help="crop of the linear protocol's training features: test = the protocol's test "

@@ -75,6 +75,16 @@ def test_fit_logistic_converges_on_separable_features():
     assert bench.fit_logistic(noise[:100], y[:100], noise[100:], y[100:], 4)[0] < 60
 
 
+def test_learning_epochs_move_the_lr_decay():
+    opts = SimpleNamespace(dataset="synthetic", split="xsub", data_dir="d", epochs=44)
+    argv = bench.pretrain_argv("scd_net", 0, opts, "run")
+    assert argv[argv.index("--epochs"):] == ["--epochs", "44", "--lr_steps", "36"]  # budget: 22, step 18
+    argv = bench.pretrain_argv("usdrl", 0, opts, "run")
+    assert argv[argv.index("--epochs"):] == ["--epochs", "44"]  # its QUICK has no decay
+    argv = bench.pretrain_argv("mcc", 0, SimpleNamespace(**{**vars(opts), "epochs": None}), "run")
+    assert argv[argv.index("--epochs"):] == ["--epochs", "12", "--lr_steps", "10"]
+
+
 def test_learning_linear_trains_on_the_test_crop_unless_protocol():
     opts = SimpleNamespace(linear_train_crop="test")
     assert bench.learning_eval_args("pcm3pp", ["--allow_data_mismatch"], opts) == [
