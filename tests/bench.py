@@ -564,7 +564,6 @@ def bench_linear_cache(opts):
     synthetic set: tiny with --quick) with cached features against re-encoding every epoch; both
     run evaluate.linear_eval in-process. Warm-up: a 2-epoch run of each side."""
     import data_prep
-    import evaluate
     dev = torch.device(opts.device)
     with tempfile.TemporaryDirectory(prefix="bench_linear_") as tmp:
         tmp = Path(tmp)
@@ -640,7 +639,9 @@ LEARNING_BUDGET = {"usdrl": {"epochs": 30}, "scd_net": {"epochs": 22, "lr_steps"
 LEARNING_METRICS = {"linear_top1": ("linear", "top1_final"), "knn_k1_top1": ("knn", "k1_top1"),
                     "linear_converged_top1": ("linear_converged", "top1"),
                     "finetune_top1": ("finetune", "top1_final")}  # finetune: with --tasks ... finetune
-_init_lock = threading.Lock()  # seed_everything + Model(args) use the process-wide RNG
+# --jobs runs share one process: seed_everything + Model(args) use the process-wide RNG, and
+# redirect_stderr swaps the process-wide sys.stderr, so both happen under this lock
+_init_lock = threading.Lock()
 
 
 class LearningError(Exception):
@@ -695,10 +696,10 @@ def write_init_checkpoint(name, argv, path):
     then builds Model(args) on the CPU; the same two calls here give the same weights. Saved in the
     checkpoint layout of common.Run.save (epoch 0) so that evaluate.py reads it like any other."""
     mod = METHODS[name].mod
-    with redirect_stderr(io.StringIO()):
-        args = common.parse_args(mod.Args, argv, quick=mod.QUICK)
-    mod.check_args(args)
     with _init_lock:
+        with redirect_stderr(io.StringIO()):  # parse_args names the QUICK values it applies
+            args = common.parse_args(mod.Args, argv, quick=mod.QUICK)
+        mod.check_args(args)
         common.seed_everything(args.seed)
         model = mod.Model(args)
     opt = mod.make_optimizer(model, args)
@@ -826,15 +827,15 @@ def converged_linear(ckpt, crop, opts):
     """The encoder's features of every training and test clip at the protocol's test crop, encoded
     once, and a logistic regression trained on them to convergence (fit_logistic)."""
     t0 = time.perf_counter()
-    with redirect_stderr(io.StringIO()):
+    splits = [common.load_split(opts.data_dir, opts.dataset, opts.split, p) for p in ("train", "val")]
+    crop = evaluate.parse_crop(crop, "test_crop")
+    ea = SimpleNamespace(eval_batch=256, num_workers=0, dtype="fp32")  # extract's fields
+    with _init_lock, redirect_stderr(io.StringIO()):  # evaluate's progress bars
         ld = evaluate.load_ckpt(str(ckpt))
         enc = evaluate.build_encoder(ld, False, 0, torch.device("cpu"))
-        ea = SimpleNamespace(eval_batch=256, num_workers=0, dtype="fp32")
-        crop = evaluate.parse_crop(crop, "test_crop")
-        feats = [evaluate.extract(enc, ld, common.load_split(opts.data_dir, opts.dataset, opts.split, part),
-                                  crop, ea, torch.device("cpu")) for part in ("train", "val")]
-    (xtr, ytr), (xte, yte) = feats
-    top1, train_top1 = fit_logistic(xtr, ytr, xte, yte, int(max(ytr.max(), yte.max())) + 1)
+        (xtr, ytr), (xte, yte) = [evaluate.extract(enc, ld, s, crop, ea, torch.device("cpu"))
+                                  for s in splits]
+    top1, train_top1 = fit_logistic(xtr, ytr, xte, yte, splits[0].num_classes)
     return {"top1": round(top1, 2), "train_top1": round(train_top1, 2), "crop": crop[0] + f":{crop[1]}",
             "feature_dim": int(xtr.shape[1]), "wall_s": round(time.perf_counter() - t0, 1)}
 
