@@ -965,8 +965,8 @@ def parse_opts(argv=None):
     g.add_argument("--tasks", nargs="+", default=["linear", "knn"], help="evaluate.py tasks")
     g.add_argument("--linear_train_crop", default="test", choices=["test", "protocol"],
                    help="crop of the linear protocol's training features: test = the protocol's test "
-                   "crop, encoded once (PCM3++ and MCC train on random crops, re-encoded every epoch "
-                   "with 'protocol': ~10x slower on a CPU)")
+                   "crop, encoded once; protocol = PCM3++'s and MCC's random crops, re-encoded every "
+                   "epoch (bandai, one CPU thread: minutes per evaluation instead of seconds)")
     g.add_argument("--raw_window", type=int, default=64, help="frames of the raw-input reference clips")
     g.add_argument("--out", default="bench_out/learning", help="result files (a rerun resumes from them)")
     g.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
