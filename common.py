@@ -40,6 +40,20 @@ class UserError(Exception):
     """A mistake of the user (bad flag, missing or malformed file): reported as one line, no traceback."""
 
 
+def check_positive(args: Any, names: tuple[str, ...]) -> None:
+    """UserError naming the first of the integer flags `names` that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be positive")
+
+
+def check_crop_scale(args: Any) -> None:
+    """--crop_scale must be two ratios 0 < lo <= hi <= 1 (the temporal crop's range)."""
+    lo, hi = (list(args.crop_scale) + [0, 0])[:2]
+    if len(args.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+        raise UserError(f"--crop_scale {args.crop_scale}: expected two ratios 0 < lo <= hi <= 1")
+
+
 def run_main(fn: Callable[[], Any]) -> None:
     """Run a script's main(); a UserError becomes `error: <message>` on stderr and exit code 2."""
     try:

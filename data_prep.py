@@ -1524,35 +1524,27 @@ def _ntu_job(job: tuple) -> tuple:
     return "ok", sample, n, ""
 
 
-def gendata_ntu(files: list[Path], out: Path, dataset: str, z_align: bool = True,
-                skip_bad: bool = False, workers: int = 2, T: int = T_REAL, quiet: bool = False,
-                chunk: int = 128) -> tuple[dict, list[str]]:
-    """2s-AGCN gendata for .skeleton `files` (sorted by name) into `out`/<split>/: up to 4 bodies
-    read, the 2 most active kept, T frames, pre_normalization. Files are parsed by `workers`
-    processes and streamed into memory-mapped outputs. -> (sizes, report lines of skipped files)."""
-    names = [f.name for f in files]
-    fields = [ntu_fields(n) for n in names]
-    writer = _LayoutWriter(out, names, np.array([f[4] - 1 for f in fields]),
-                           ntu_membership(dataset, fields), T)
-    keep = np.ones(len(files), dtype=bool)
+def _convert_files(jobs: list, job_fn, writer, z_align: bool, skip_bad: bool, workers: int,
+                   chunk: int, desc: str, quiet: bool, what: str) -> tuple[np.ndarray, list[str]]:
+    """Parse `jobs` with `job_fn` (-> (status, sample (2, T, 25, 3), frames, msg)) in blocks of
+    `chunk`, pre-normalise and write each block with `writer`. -> (kept mask, report lines of the
+    skipped files); a "bad" file stops the run unless skip_bad."""
+    keep = np.ones(len(jobs), dtype=bool)
     report: list[str] = []
-    jobs = [(str(f), T) for f in files]
     blocks = [range(s, min(s + chunk, len(jobs))) for s in range(0, len(jobs), chunk)]
     pool = None
     if workers > 1:
         import multiprocessing as mp
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
-    bar = _progress(None, len(jobs), dataset, quiet)
+    bar = _progress(None, len(jobs), desc, quiet)
     try:
         # the workers parse block b+1 while this process normalises and writes block b: at most two
         # blocks of samples are in memory at any time
-        pending = None
-        if pool:
-            pending = pool.map_async(_ntu_job, [jobs[i] for i in blocks[0]], chunksize=4)
+        pending = pool.map_async(job_fn, [jobs[i] for i in blocks[0]], chunksize=4) if pool else None
         for b, block in enumerate(blocks):
-            results = pending.get() if pool else [_ntu_job(jobs[i]) for i in block]
+            results = pending.get() if pool else [job_fn(jobs[i]) for i in block]
             if pool and b + 1 < len(blocks):
-                pending = pool.map_async(_ntu_job, [jobs[i] for i in blocks[b + 1]], chunksize=4)
+                pending = pool.map_async(job_fn, [jobs[i] for i in blocks[b + 1]], chunksize=4)
             buf, g, nf = [], [], []
             for i, (status, sample, n, msg) in zip(block, results):
                 if status == "bad" and not skip_bad:
@@ -1574,7 +1566,22 @@ def gendata_ntu(files: list[Path], out: Path, dataset: str, z_align: bool = True
         if pool:
             pool.terminate()
     if not keep.any():
-        raise UserError(f"no usable sample among {len(files)} .skeleton files")
+        raise UserError(f"no usable sample among {len(jobs)} {what}")
+    return keep, report
+
+
+def gendata_ntu(files: list[Path], out: Path, dataset: str, z_align: bool = True,
+                skip_bad: bool = False, workers: int = 2, T: int = T_REAL, quiet: bool = False,
+                chunk: int = 128) -> tuple[dict, list[str]]:
+    """2s-AGCN gendata for .skeleton `files` (sorted by name) into `out`/<split>/: up to 4 bodies
+    read, the 2 most active kept, T frames, pre_normalization. Files are parsed by `workers`
+    processes and streamed into memory-mapped outputs. -> (sizes, report lines of skipped files)."""
+    names = [f.name for f in files]
+    fields = [ntu_fields(n) for n in names]
+    writer = _LayoutWriter(out, names, np.array([f[4] - 1 for f in fields]),
+                           ntu_membership(dataset, fields), T)
+    keep, report = _convert_files([(str(f), T) for f in files], _ntu_job, writer, z_align, skip_bad,
+                                  workers, chunk, dataset, quiet, ".skeleton files")
     return writer.close(keep), report
 
 
@@ -2155,15 +2162,18 @@ def load_bvh_ntu(path, jmap: dict, scale: float) -> np.ndarray:
 
 
 def _bvh_job(job: tuple) -> tuple:
-    """Worker: one .bvh file -> (status, its first T frames (n, 25, 3) float32 or None, msg)."""
+    """Worker: one .bvh file -> (status, sample (2, T, 25, 3) or None, frames, msg): its first T
+    frames as body 0, body 1 empty."""
     path, jmap, scale, T = job
     try:
-        xyz = load_bvh_ntu(path, jmap, scale)
+        xyz = load_bvh_ntu(path, jmap, scale)[:T]
     except UserError as e:
-        return "bad", None, str(e)
+        return "bad", None, 0, str(e)
     if len(xyz) == 0:
-        return "empty", None, f"{path}: no frames"
-    return "ok", xyz[:T].astype(np.float32), ""
+        return "empty", None, 0, f"{path}: no frames"
+    sample = np.zeros((MAX_BODY, T, 25, 3), dtype=np.float32)
+    sample[0, :len(xyz)] = xyz
+    return "ok", sample, len(xyz), ""
 
 
 def gendata_bvh(files: list, out: Path, labels, member: dict, jmap: dict, scale: float,
@@ -2174,48 +2184,8 @@ def gendata_bvh(files: list, out: Path, labels, member: dict, jmap: dict, scale:
     empty; first T frames kept, num_frame clamped to T; pre_normalization).
     -> (sizes, report lines of skipped files, kept mask)."""
     writer = _LayoutWriter(out, [Path(f).name for f in files], labels, member, T)
-    keep = np.ones(len(files), dtype=bool)
-    report: list[str] = []
-    jobs = [(str(f), jmap, scale, T) for f in files]
-    blocks = [range(s, min(s + chunk, len(jobs))) for s in range(0, len(jobs), chunk)]
-    pool = None
-    if workers > 1 and len(blocks) > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
-    bar = _progress(None, len(jobs), desc, quiet)
-    try:
-        # the workers parse block b+1 while this process normalises and writes block b: at most two
-        # blocks of clips are in memory at any time
-        pending = pool.map_async(_bvh_job, [jobs[i] for i in blocks[0]], chunksize=8) \
-            if pool else None
-        for b, block in enumerate(blocks):
-            results = pending.get() if pool else [_bvh_job(jobs[i]) for i in block]
-            if pool and b + 1 < len(blocks):
-                pending = pool.map_async(_bvh_job, [jobs[i] for i in blocks[b + 1]], chunksize=8)
-            buf, g, nf = [], [], []
-            for i, (status, xyz, msg) in zip(block, results):
-                if status == "bad" and not skip_bad:
-                    raise UserError(msg + " (use --skip_bad to skip such files)")
-                if status != "ok":
-                    keep[i] = False
-                    report.append(f"{status}: {msg}")
-                    continue
-                sample = np.zeros((MAX_BODY, T, 25, 3), dtype=np.float32)   # body 1 stays empty
-                sample[0, :len(xyz)] = xyz
-                buf.append(sample)
-                g.append(i)
-                nf.append(len(xyz))
-            if buf:
-                writer.put(np.array(g), pre_normalization(np.stack(buf), z_align), np.array(nf))
-            if bar is not None:
-                bar.update(len(block))
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool:
-            pool.terminate()
-    if not keep.any():
-        raise UserError(f"no usable clip among {len(files)} .bvh files")
+    keep, report = _convert_files([(str(f), jmap, scale, T) for f in files], _bvh_job, writer,
+                                  z_align, skip_bad, workers, chunk, desc, quiet, ".bvh files")
     return writer.close(keep), report, keep
 
 

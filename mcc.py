@@ -403,9 +403,8 @@ def check_args(args):
                                f"--interp_rate {args.interp_rate} (target stride r / l)")
     if args.clip_len < 2:
         raise common.UserError(f"--clip_len {args.clip_len}: a shuffled clip needs at least 2 frames")
-    for name in ("window", "base_width", "proj_dim", "epochs", "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    common.check_positive(args, ("window", "base_width", "proj_dim", "epochs", "batch_size",
+                                 "log_every", "save_every"))
     if args.temperature <= 0 or args.margin < 0:
         raise common.UserError(f"--temperature {args.temperature} must be > 0 and --margin "
                                f"{args.margin} >= 0")

@@ -501,10 +501,9 @@ def train_step(model, net, opt, scaler, views, args, post_distill=False):
 
 # ------------------------------------------------------------------------------------------ main
 def check_args(args):
-    for name in ("window", "hidden", "layers", "feat_dim", "dec_dim", "dec_layers", "mask_chunks",
-                 "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    common.check_crop_scale(args)
+    common.check_positive(args, ("window", "hidden", "layers", "feat_dim", "dec_dim", "dec_layers",
+                                 "mask_chunks", "batch_size", "log_every", "save_every"))
     if args.prompt_dim // 2 >= args.hidden or args.prompt_dim < 2 or args.prompt_dim % 2:
         raise common.UserError(f"--prompt_dim {args.prompt_dim}: must be even and in "
                                f"[2, 2 * --hidden) (two halves, one per GRU direction)")

@@ -456,13 +456,10 @@ def train_step(model, net, opt, scaler, views, args):
 
 # ------------------------------------------------------------------------------------------ main
 def check_args(args):
-    lo, hi = (args.crop_scale + [0, 0])[:2]
-    if len(args.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-        raise common.UserError(f"--crop_scale {args.crop_scale}: expected two ratios 0 < lo <= hi <= 1")
-    for name in ("window", "hidden", "heads", "ffn", "layers", "proj_dim", "queue_size", "cubes",
-                 "mask_draws", "epochs", "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    common.check_crop_scale(args)
+    common.check_positive(args, ("window", "hidden", "heads", "ffn", "layers", "proj_dim", "queue_size",
+                                 "cubes", "mask_draws", "epochs", "batch_size", "log_every",
+                                 "save_every"))
     if not args.gcn_channels or any(c < 8 or c % 4 for c in args.gcn_channels):
         raise common.UserError(f"--gcn_channels {args.gcn_channels}: each must be a multiple of 4, >= 8")
     if args.bodies not in (1, 2):

@@ -363,13 +363,9 @@ def train_step(model, net, opt, scaler, views, args):
 
 # ------------------------------------------------------------------------------------------ main
 def check_args(args):
-    lo, hi = (args.crop_scale + [0, 0])[:2]
-    if len(args.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-        raise common.UserError(f"--crop_scale {args.crop_scale}: expected two ratios 0 < lo <= hi <= 1")
-    for name in ("window", "hidden", "heads", "gap", "proj_dim", "proj_inst_dim", "epochs",
-                 "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} {getattr(args, name)}: must be positive")
+    common.check_crop_scale(args)
+    common.check_positive(args, ("window", "hidden", "heads", "gap", "proj_dim", "proj_inst_dim",
+                                 "epochs", "batch_size", "log_every", "save_every"))
     if args.batch_size < 2:
         raise common.UserError(f"--batch_size {args.batch_size}: batch statistics need at least 2")
     if args.bodies not in (1, 2):

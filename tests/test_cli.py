@@ -70,6 +70,27 @@ def test_failed_run_leaves_no_folder(tmp_path, run_py):
     assert proc.returncode == 2 and "--views" in proc.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__)
+def test_check_args_names_a_bad_count_or_crop_range(mod):
+    mod.check_args(mod.Args())  # the paper run and the quick config are valid
+    mod.check_args(common.parse_args(mod.Args, ["--quick"], quick=mod.QUICK))
+    with pytest.raises(common.UserError, match="--batch_size 0: must be positive"):
+        mod.check_args(dataclasses.replace(mod.Args(), batch_size=0))
+    if hasattr(mod.Args(), "crop_scale"):
+        for bad in ([0.5], [0.8, 0.2], [0.0, 1.0], [0.5, 1.5]):
+            with pytest.raises(common.UserError, match=r"--crop_scale .*0 < lo <= hi <= 1"):
+                mod.check_args(dataclasses.replace(mod.Args(), crop_scale=bad))
+
+
+def test_pcm3pp_bad_crop_scale_is_one_line_and_no_folder(tmp_path, run_py):
+    out = tmp_path / "never"
+    proc = run_py(["pcm3pp.py", "--dataset", "synthetic", "--crop_scale", "0.5", "--out_dir", out],
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not out.exists()
+    assert [s for s in proc.stderr.splitlines() if s.startswith("error")] == [
+        "error: --crop_scale [0.5]: expected two ratios 0 < lo <= hi <= 1"]
+
+
 def test_split_error_names_what_was_typed():
     with pytest.raises(common.UserError, match=r"--split 'xset': dataset synthetic has splits"):
         common.canonical_split("synthetic", "xset")
